@@ -1,0 +1,32 @@
+"""The pass runner: run a pass, lint and recompile its graph, name the pass when it fails."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from torch import fx
+
+from ..errors import LoraFxError
+
+
+class PassResult(NamedTuple):
+    gm: fx.GraphModule
+    modified: bool
+    counts: dict[str, int]
+
+
+def run_pass(name: str, fn: Callable[..., PassResult], gm: fx.GraphModule, *args: Any,
+             **kwargs: Any) -> PassResult:
+    """Run ``fn(gm, *args, **kwargs)``, then ``graph.lint()`` and ``recompile()``.
+
+    A graph left invalid raises LoraFxError naming the pass (a bug in lorafx, not the input).
+    """
+    result = fn(gm, *args, **kwargs)
+    try:
+        result.gm.graph.lint()
+        result.gm.recompile()
+    except Exception as err:
+        raise LoraFxError(f"internal error: pass {name!r} left an invalid graph ({err}); "
+                          "please report it with the model that triggered it") from err
+    return result
