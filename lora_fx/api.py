@@ -20,6 +20,7 @@ from .passes.merge import merge_pass
 from .passes.runner import run_pass
 from .passes.state import STATE_KEY, LoraState, get_state, require_state, set_attr_cow
 from .patterns import Site, Skip, find_sites
+from .variants.init import init_from_weights, reads_weight
 
 
 def plan(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig,
@@ -38,8 +39,9 @@ def plan(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig,
         if config.targets(skip.name):
             raise LoraFxError(f"target {skip.name!r} cannot take a LoRA: {skip.reason}; "
                               "remove it from target_modules")
+    chosen_ids = {id(s) for s in chosen}  # identity: Site.__eq__ is slow on big graphs
     rest = [Skip(s.node, s.name, s.form, "not named by target_modules")
-            for s in sites if s not in chosen]
+            for s in sites if id(s) not in chosen_ids]
     if not chosen:
         raise LoraFxError(_no_match(config, [s.name for s in sites]))
     return gm, chosen, rest + skips
@@ -69,6 +71,7 @@ def inject(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig
     state = LoraState(config)
     gm.meta[STATE_KEY] = state
     run_pass("inject", inject_pass, gm, chosen, config, state)
+    init_from_weights(gm)  # PiSSA / OLoRA: A₀, B₀ from W, W → W − s·B₀A₀ (else a no-op)
     for p in gm.parameters():
         p.requires_grad_(False)
     for rec in state.sites.values():
@@ -145,6 +148,7 @@ def merge(gm: nn.Module) -> fx.GraphModule:
         for name in state.saved:  # modules_to_save copies are part of the merged model
             set_attr_cow(new, name, gm.get_submodule(name))
         run_pass("merge", merge_pass, new, state.sites, branches(gm))
+        new.delete_all_unused_submodules()
     new.train(gm.training)
     return new
 
@@ -188,7 +192,8 @@ def apply_adapter(model: nn.Module, example_inputs: tuple[Any, ...], adapter: Ad
                   dynamic_shapes: Any = None, where: str = "adapter") -> fx.GraphModule:
     """Inject ``adapter.config`` and copy its weights in, checking every site and shape."""
     config = copy.copy(adapter.config)
-    config.init_lora_weights = False
+    if not reads_weight(config.init_lora_weights):  # PiSSA/OLoRA recompute W_res, as PEFT
+        config.init_lora_weights = False
     gm = inject(model, example_inputs, config, dynamic_shapes)
     state = require_state(gm)
     have, want = set(state.sites), set(adapter.lora)

@@ -18,6 +18,11 @@ from .runner import PassResult
 from .state import BRANCH_ROOT, NODE_KEY, LoraState, SiteRecord, add_submodule
 
 
+def _reroute(node: fx.Node, add: fx.Node) -> None:
+    """Every user of ``node`` but ``add`` reads ``add`` instead."""
+    node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
+
+
 def inject_pass(gm: fx.GraphModule, sites: list[Site], config: LoraConfig,
                 state: LoraState) -> PassResult:
     """Add one LoraLinear branch per site; record each in ``state``."""
@@ -35,7 +40,7 @@ def inject_pass(gm: fx.GraphModule, sites: list[Site], config: LoraConfig,
             delta = graph.call_module(path, (x,))
         with graph.inserting_after(delta):
             add = graph.call_function(operator.add, (site.node, delta))
-        site.node.replace_all_uses_with(add, delete_user_cb=lambda user, a=add: user is not a)
+        _reroute(site.node, add)
         delta.meta[NODE_KEY] = {"site": site.name, "role": "delta"}
         add.meta[NODE_KEY] = {"site": site.name, "role": "add"}
         for key in ("val", "tensor_meta", "nn_module_stack", "stack_trace"):
