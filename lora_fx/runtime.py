@@ -41,9 +41,11 @@ def default_providers() -> list[str]:
     return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
 
 
-def open_session(path: str | Path, providers: Sequence[str] | None = None,
+def open_session(path: str | Path,
+                 providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
                  threads: int | None = None) -> Any:
-    """An ``onnxruntime.InferenceSession`` on ``providers`` (default: CUDA if present, else CPU).
+    """An ``onnxruntime.InferenceSession`` on ``providers`` (default: CUDA if present, else CPU;
+    a provider may be a ``(name, options)`` pair, as ONNX Runtime accepts).
 
     Warns when a requested accelerator provider is not among the providers the session uses.
     """
@@ -59,7 +61,8 @@ def open_session(path: str | Path, providers: Sequence[str] | None = None,
     except Exception as err:
         raise LoraFxError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from err
     used = sess.get_providers()
-    dropped = [p for p in requested if p not in used and p != "CPUExecutionProvider"]
+    names = [p if isinstance(p, str) else p[0] for p in requested]
+    dropped = [p for p in names if p not in used and p != "CPUExecutionProvider"]
     if dropped:
         warnings.warn(f"ONNX Runtime fell back to {used[0]}: {', '.join(dropped)} requested but "
                       "not usable (CUDA/cuDNN libraries missing?)", LoraFxWarning, stacklevel=2)
