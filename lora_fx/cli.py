@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from .errors import LoraFxError, LoraFxWarning
+from .fileio import check_writable_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -89,7 +90,7 @@ def inspect(model: str, as_json: bool) -> None:
     """List every candidate LoRA site of MODEL and why other linear ops are skipped."""
     from .capture import capture
     from .load import load_model
-    from .patterns import find_sites
+    from .patterns import find_sites, peft_reachable
 
     loaded = load_model(model)
     gm = capture(loaded.module, loaded.example_inputs, loaded.dynamic_shapes)
@@ -97,15 +98,17 @@ def inspect(model: str, as_json: bool) -> None:
     data = {
         "capture": gm.meta.get("lorafx_capture"),
         "sites": [{"name": s.name, "form": s.form, "layout": s.layout,
-                   "in_features": s.in_features, "out_features": s.out_features}
-                  for s in sites],
+                   "in_features": s.in_features, "out_features": s.out_features,
+                   "kind": s.kind, "peft": peft_reachable(s)} for s in sites],
         "skipped": [{"name": k.name, "form": k.form, "reason": k.reason} for k in skips],
     }
     if as_json:
         _echo_json(data)
         return
     click.echo(f"captured with {data['capture']}: {len(sites)} sites, {len(skips)} skipped")
-    click.echo(_table(["site", "form", "in->out"], _site_rows(sites)))
+    click.echo(_table(["site", "form", "in->out", "peft"], [  # peft: PEFT can reach it too
+        row + ["yes" if peft_reachable(s) else "no"] for row, s in zip(_site_rows(sites), sites,
+                                                                        strict=True)]))
     if skips:
         click.echo("\nskipped:")
         click.echo(_table(["op", "form", "reason"], [[k.name, k.form, k.reason] for k in skips]))
@@ -149,6 +152,8 @@ def inject(model: str, targets: tuple[str, ...], target_regex: str | None, rank:
         raise LoraFxError("no output: pass -o DIR (or --dry-run to only plan)")
     if output and not dry_run and (Path(output) / WEIGHTS_NAME).exists() and not force:
         raise LoraFxError(f"{output} already holds an adapter: pass --force to overwrite it")
+    if output and not dry_run:
+        check_writable_dir(Path(output).parent.resolve())
     config = LoraConfig(
         r=rank, lora_alpha=alpha if alpha is not None else rank,
         target_modules=target_regex if target_regex else list(targets),
@@ -272,15 +277,19 @@ def train(model: str, adapter_dir: str, steps: int, lr: float, weight_decay: flo
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare ONNX Runtime with PyTorch on the example inputs (atol 1e-4).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              show_default=True, help="Weight precision: merged in fp32, cast once; the error "
+                                      "against fp32 is reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def export(model: str, adapter_dir: str | None, merge: bool, output: str, opset: int | None,
-           verify: bool, as_json: bool) -> None:
+           verify: bool, dtype: str, as_json: bool) -> None:
     """Export MODEL (with --adapter: merged or not) to ONNX."""
     from . import api
     from .capture import capture
     from .load import load_model
     from .onnx_export import export_onnx
 
+    check_writable_dir(Path(output).parent.resolve())
     loaded = load_model(model)
     if adapter_dir:
         gm = api.load_adapter(loaded.module, loaded.example_inputs, adapter_dir,
@@ -289,12 +298,14 @@ def export(model: str, adapter_dir: str | None, merge: bool, output: str, opset:
         gm = capture(loaded.module, loaded.example_inputs, loaded.dynamic_shapes)
     gm.eval()
     report = export_onnx(gm, loaded.example_inputs, output, merge=merge, opset=opset,
-                         verify=verify, dynamic_shapes=loaded.dynamic_shapes)
+                         verify=verify, dynamic_shapes=loaded.dynamic_shapes, dtype=dtype,
+                         model=loaded.module)
     data: dict[str, Any] = {"output": str(report.path), "merged": bool(adapter_dir) and merge,
             "seconds": round(report.seconds, 3), "external_data": report.external_data,
             "nodes": sum(report.op_histogram.values()), "op_histogram": report.op_histogram,
             "max_abs_diff": report.max_abs_diff, "provider": report.provider,
             "bytes": os.path.getsize(report.path)}
+    data.update({**report.extras, "dtype": dtype})
     if as_json:
         _echo_json(data)
         return
@@ -304,6 +315,22 @@ def export(model: str, adapter_dir: str | None, merge: bool, output: str, opset:
     if report.max_abs_diff is not None:
         click.echo(f"verified: max |ONNX Runtime - PyTorch| = {report.max_abs_diff:.3g} "
                    f"on {report.provider}")
+    if "error_vs_fp32" in report.extras:
+        errors = ", ".join(f"{k} {v:.3g}" for k, v in report.extras["error_vs_fp32"].items())
+        click.echo(f"{dtype} error against fp32 (max abs): {errors}")
+
+
+def _register_commands() -> None:
+    """Commands that live in lora_fx/commands/ (each imports the library lazily)."""
+    from .commands.analysis import analyze, combine, resize
+    from .commands.deploy import convert_adapter, run
+    from .commands.scale import plan
+
+    for command in (analyze, resize, combine, convert_adapter, run, plan):
+        cli.add_command(command)
+
+
+_register_commands()
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any,
