@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from .adapters import Adapter, read_adapter, write_adapter
-from .branches import LoraLinear
+from .branches import LoraBranch, LoraFused
 from .capture import CAPTURE_KEY, capture
 from .config import LoraConfig
 from .errors import LoraFxError
@@ -19,7 +22,8 @@ from .passes.inject import inject_pass
 from .passes.merge import merge_pass
 from .passes.runner import run_pass
 from .passes.state import STATE_KEY, LoraState, get_state, require_state, set_attr_cow
-from .patterns import Site, Skip, find_sites
+from .patterns import Site, Skip, find_sites, select
+from .variants.dora import attach, load_magnitudes, magnitudes
 from .variants.init import init_from_weights, reads_weight
 
 
@@ -34,14 +38,11 @@ def plan(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig,
                           "or merge first")
     gm = capture(model, example_inputs, dynamic_shapes)
     sites, skips = find_sites(gm)
-    chosen = [s for s in sites if config.targets(s.name)]
+    chosen, rest = select(sites, config, model)  # target_modules / all-linear / target_forms
     for skip in skips:
         if config.targets(skip.name):
             raise LoraFxError(f"target {skip.name!r} cannot take a LoRA: {skip.reason}; "
                               "remove it from target_modules")
-    chosen_ids = {id(s) for s in chosen}  # identity: Site.__eq__ is slow on big graphs
-    rest = [Skip(s.node, s.name, s.form, "not named by target_modules")
-            for s in sites if id(s) not in chosen_ids]
     if not chosen:
         raise LoraFxError(_no_match(config, [s.name for s in sites]))
     return gm, chosen, rest + skips
@@ -72,6 +73,7 @@ def inject(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig
     gm.meta[STATE_KEY] = state
     run_pass("inject", inject_pass, gm, chosen, config, state)
     init_from_weights(gm)  # PiSSA / OLoRA: A₀, B₀ from W, W → W − s·B₀A₀ (else a no-op)
+    attach(gm)  # DoRA: wire y, W, b into each branch, m = ‖W + s·B@A‖ (else a no-op)
     for p in gm.parameters():
         p.requires_grad_(False)
     for rec in state.sites.values():
@@ -101,13 +103,13 @@ def _copy_saved_modules(gm: fx.GraphModule, config: LoraConfig) -> list[str]:
     return saved
 
 
-def branches(gm: nn.Module) -> dict[str, LoraLinear]:
+def branches(gm: nn.Module) -> dict[str, LoraBranch]:
     """The branch module of each injected site."""
     state = require_state(gm)
-    out: dict[str, LoraLinear] = {}
+    out: dict[str, LoraBranch] = {}
     for name, rec in state.sites.items():
         mod = gm.get_submodule(rec.branch)
-        assert isinstance(mod, LoraLinear)
+        assert isinstance(mod, LoraBranch)
         out[name] = mod
     return out
 
@@ -115,7 +117,7 @@ def branches(gm: nn.Module) -> dict[str, LoraLinear]:
 def lora_parameters(gm: nn.Module) -> list[torch.Tensor]:
     """A and B of every site, then the modules_to_save parameters (the trainable set)."""
     state = require_state(gm)
-    params = [p for b in branches(gm).values() for p in (b.lora_A.weight, b.lora_B.weight)]
+    params: list[torch.Tensor] = [p for b in branches(gm).values() for p in b.parameters()]
     for name in state.saved:
         params.extend(gm.get_submodule(name).parameters())
     return params
@@ -132,11 +134,16 @@ def count_parameters(gm: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def merge(gm: nn.Module) -> fx.GraphModule:
+def merge(gm: nn.Module, inplace: bool = False) -> fx.GraphModule:
     """A new GraphModule with every branch folded: W' = W + s·B@A, no LoRA node left.
 
     Neither ``gm`` nor the user's model is modified; only the merged weights are new tensors.
     A graph without branches is returned as a copy (merging twice is a no-op).
+
+    ``inplace=True`` (big models: no second copy of the weights) folds W' into each weight's
+    own storage, one site at a time: the user's model then holds W' too, and ``gm`` refuses to
+    run (it would add the branches twice; its adapter can still be saved). Weights that other
+    ops also read (ties) are copied as without ``inplace``.
     """
     if not isinstance(gm, fx.GraphModule):
         raise LoraFxError("merge expects the GraphModule returned by lora_fx.inject")
@@ -147,10 +154,38 @@ def merge(gm: nn.Module) -> fx.GraphModule:
     if state is not None:
         for name in state.saved:  # modules_to_save copies are part of the merged model
             set_attr_cow(new, name, gm.get_submodule(name))
-        run_pass("merge", merge_pass, new, state.sites, branches(gm))
+        rest = _fold_in_place(gm, new, state) if inplace else branches(gm)
+        run_pass("merge", merge_pass, new, {n: state.sites[n] for n in rest}, rest)
         new.delete_all_unused_submodules()
     new.train(gm.training)
     return new
+
+
+def _fold_in_place(gm: fx.GraphModule, new: fx.GraphModule,
+                   state: LoraState) -> dict[str, LoraBranch]:
+    """W ← W + ΔW (fp32, cast once) in W's storage for each site whose weight no other op
+    reads; returns the branches left to fold by copy. ``gm`` then refuses to run."""
+    from .passes.merge import site_uses
+    from .patterns import weight_readers
+
+    readers, uses, rest = weight_readers(new), site_uses(new.graph), {}
+    for name, branch in branches(gm).items():
+        rec = state.sites[name]
+        weight = new.get_parameter(rec.weight)
+        if weight.is_meta or any(n not in uses[name] for n in readers[id(weight)]):
+            rest[name] = branch
+            continue
+        with torch.no_grad():
+            weight.copy_(branch.fold(weight, rec.layout, where=name))
+    if len(rest) < len(state.sites):
+        gm.register_forward_pre_hook(_merged_in_place)
+    return rest
+
+
+def _merged_in_place(module: nn.Module, args: Any) -> None:
+    raise LoraFxError("this injected model was merged in place (merge(inplace=True)): its base "
+                      "weights already hold the adapter; run the merged model, or inject into "
+                      "a fresh base model")
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -164,13 +199,38 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
 
 
 def to_adapter(gm: nn.Module) -> Adapter:
-    """The adapter held by an injected GraphModule (A, B per site; modules_to_save tensors)."""
+    """The adapter held by an injected GraphModule (A, B per site; modules_to_save tensors).
+
+    Its config is what PEFT reads: ``all-linear`` / ``target_forms`` become the explicit site
+    list, and a fused site is its exact plain equivalent (rank k·r, alpha keeping s); lorafx's
+    own config then rides along in ``Adapter.lorafx`` (``lorafx_config.json``).
+    """
     state = require_state(gm)
-    lora = {name: (b.lora_A.weight.detach(), b.lora_B.weight.detach())
-            for name, b in branches(gm).items()}
+    brs = branches(gm)
+    lora = {name: b.peft_factors() for name, b in brs.items()}
+    kinds = {name: b.kind for name, b in brs.items() if b.kind == "embedding"}
     saved = {f"{name}.{pname}": p.detach() for name in state.saved
              for pname, p in gm.get_submodule(name).named_parameters()}
-    return Adapter(state.config, lora, saved)
+    config, lorafx = _peft_view(state.config, list(state.sites), brs)
+    return Adapter(config, lora, saved, kinds, lorafx, magnitude=magnitudes(gm))
+
+
+def _peft_view(config: LoraConfig, sites: list[str], brs: dict[str, LoraBranch]
+               ) -> tuple[LoraConfig, dict[str, Any] | None]:
+    """(config PEFT can load, lorafx's config when PEFT's view loses something, else None)."""
+    changes: dict[str, Any] = {}
+    if config.target_modules == "all-linear" or config.target_forms:
+        changes.update(target_modules=sorted(sites), target_forms=None)
+    fused = {n: b for n, b in brs.items() if isinstance(b, LoraFused)}
+    if fused:  # keys sort first in the JSON and match one site only: PEFT takes the first match
+        keys = {n: f"(?:^{re.escape(n)})" for n in fused}
+        ranks = {keys[n]: b.k * b.r for n, b in fused.items()}
+        alphas = {keys[n]: b.scaling * (math.sqrt(ranks[keys[n]]) if config.use_rslora
+                                        else ranks[keys[n]]) for n, b in fused.items()}
+        changes.update(rank_pattern={**ranks, **config.rank_pattern},
+                       alpha_pattern={**alphas, **config.alpha_pattern}, enable_lora={})
+    view = dataclasses.replace(config, **changes) if changes else config
+    return view, (dataclasses.asdict(config) if fused else None)
 
 
 def save_adapter(gm: nn.Module, directory: str | Path, force: bool = False) -> Path:
@@ -191,7 +251,8 @@ def load_adapter(model: nn.Module, example_inputs: tuple[Any, ...], directory: s
 def apply_adapter(model: nn.Module, example_inputs: tuple[Any, ...], adapter: Adapter,
                   dynamic_shapes: Any = None, where: str = "adapter") -> fx.GraphModule:
     """Inject ``adapter.config`` and copy its weights in, checking every site and shape."""
-    config = copy.copy(adapter.config)
+    config = LoraConfig.from_peft_dict(adapter.lorafx) if adapter.lorafx else \
+        copy.copy(adapter.config)
     if not reads_weight(config.init_lora_weights):  # PiSSA/OLoRA recompute W_res, as PEFT
         config.init_lora_weights = False
     gm = inject(model, example_inputs, config, dynamic_shapes)
@@ -205,9 +266,8 @@ def apply_adapter(model: nn.Module, example_inputs: tuple[Any, ...], adapter: Ad
                           "adapter: the adapter is incomplete or for another model")
     with torch.no_grad():
         for name, branch in branches(gm).items():
-            a, b = adapter.lora[name]
-            _copy_checked(branch.lora_A.weight, a, f"{where}: {name}.lora_A")
-            _copy_checked(branch.lora_B.weight, b, f"{where}: {name}.lora_B")
+            branch.load_factors(*adapter.lora[name], where=f"{where}: {name}")
+        load_magnitudes(gm, adapter.magnitude, where)  # DoRA's m (none for plain LoRA)
         for key, t in adapter.saved.items():
             try:
                 target = gm.get_parameter(key)

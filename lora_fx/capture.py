@@ -9,8 +9,12 @@ back into ``nn.Dropout`` submodules so dropout follows ``train()``/``eval()`` ag
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import traceback
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,7 +36,41 @@ def _where(err: BaseException) -> str:
     """The innermost frame outside torch of ``err``'s traceback, as ``file:line``."""
     frames = [f for f in traceback.extract_tb(err.__traceback__)
               if "/torch/" not in f.filename and "/lora_fx/" not in f.filename]
-    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    if not frames:
+        return ""
+    code = (frames[-1].line or "").strip()
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" + (f" (`{code}`)" if code else "")
+
+
+# torch.nn modules that read their projection weights functionally (in_proj_weight,
+# out_proj.weight): traced through, not kept as leaves, so those projections become sites
+_OPEN_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                 nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
+
+
+class _Tracer(fx.Tracer):
+    """symbolic_trace's tracer, tracing into ``_OPEN_MODULES`` instead of calling them."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return not isinstance(m, _OPEN_MODULES) and super().is_leaf_module(
+            m, module_qualified_name)
+
+
+def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath() -> Iterator[None]:
+    """Keep attention off its fused eval kernels, which take the projections as one opaque op."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def capture(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: Any = None,
@@ -48,7 +86,7 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: A
     trace_error: BaseException | None = None
     if method in ("auto", "symbolic_trace"):
         try:
-            gm = fx.symbolic_trace(model)
+            gm = _symbolic_trace(model)
             gm.meta[CAPTURE_KEY] = "symbolic_trace"
             return gm
         except Exception as err:  # noqa: BLE001 - any tracing failure falls back to export
@@ -63,28 +101,51 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: A
             trace_error: BaseException | None) -> fx.GraphModule:
     was_training = model.training
     model.eval()
-    try:
-        with warnings.catch_warnings():
+    try:  # torch prints a partial graph to stderr on failure: the error below says it in a line
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+                _no_mha_fastpath():
             warnings.simplefilter("ignore")
             ep = torch.export.export(
                 model, tuple(example_inputs), strict=False,
                 dynamic_shapes=dynamic_shapes if dynamic_shapes is not None
                 else _auto_dynamic(tuple(example_inputs)))
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        hint = ("if the model returns a cache object, set config.use_cache=False; "
-                "if a shape is specialized, pass dynamic_shapes or other example inputs")
-        traced = f" (symbolic_trace failed too: {trace_error})" if trace_error else ""
-        raise LoraFxError(f"cannot capture {type(model).__name__} with torch.export"
-                          f"{_where(err)}: {type(err).__name__}: {first}{traced}; {hint}") from err
+        raise LoraFxError(_export_error(model, err, trace_error)) from err
     finally:
         model.train(was_training)
     exported = ep.module()
     gm = fx.GraphModule(exported, exported.graph)
     gm.meta[CAPTURE_KEY] = "export"
+    gm.meta["lorafx_program"] = ep  # lora_fx.fast.PROGRAM_KEY: ONNX export reuses it
     _dropout_to_modules(gm)
     gm.train(was_training)
     return gm
+
+
+_HINTS = (  # (words in the error's type or message, what to do)
+    (("DataDependent", "data-dependent"), "Python control flow or .item()/.tolist() reads a "
+     "tensor's value there: use torch.where or torch.cond, or compute it outside forward()"),
+    (("Cache", "cache"), "the model returns a cache object: set config.use_cache=False"),
+    (("Constraints violated", "specializ"), "a dimension is fixed by the model: pass "
+     "dynamic_shapes, or example inputs of the sizes you will use"),
+    (("shapes cannot be multiplied", "size mismatch", "must match the size"),
+     "example_inputs do not fit the model: fix their shapes"),
+)
+
+
+def _export_error(model: nn.Module, err: BaseException, trace_error: BaseException | None
+                  ) -> str:
+    """One line: the model, the failing op and line, the error, and what to do."""
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else type(err).__name__
+    text = f"{type(err).__name__} {first}"
+    hint = next((h for words, h in _HINTS if any(w in text for w in words)),
+                "rewrite that line with tensor operations, or report the model")
+    ops = re.findall(r"torch\.ops\.(\w+\.\w+)", str(getattr(err, "partial_fx_graph", "")))
+    op = f" after op {ops[-1]}" if ops else ""
+    traced = " (symbolic_trace failed too)" if trace_error else ""
+    return (f"cannot capture {type(model).__name__}: torch.export stopped{op}{_where(err)}"
+            f"{traced}: {type(err).__name__}: {first[:300]}; fix: {hint}")
 
 
 def _dropout_to_modules(gm: fx.GraphModule) -> int:

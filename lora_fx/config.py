@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import LoraFxError
+from .errors import LoraFxError, LoraFxWarning
 
 InitKind = bool | str
-_INITS = (True, False, "gaussian")
+_INITS = (True, False, "gaussian", "pissa", "olora")  # pissa/olora: lora_fx.variants.init
+LORAFX_ONLY = ("target_forms", "enable_lora")  # fields PEFT does not have: kept out of its JSON
 
 
 @dataclass
@@ -22,7 +25,14 @@ class LoraConfig:
     a string is a regular expression that must match the whole site name (PEFT's rules).
     ``rank_pattern`` / ``alpha_pattern`` map a regex (matched as ``(.*\\.)?(key)$``) to a
     per-site rank / alpha. The branch scale is ``s = alpha / r``, or ``alpha / sqrt(r)`` with
-    ``use_rslora``.
+    ``use_rslora``. ``target_modules="all-linear"``: every linear-form site but the output head
+    (PEFT's meaning; resolved by ``patterns.select``).
+
+    lorafx only (not PEFT's; never written into adapter_config.json): ``target_forms`` keeps
+    sites whose form or kind it lists ("conv", "embedding", "matmul", "nn.Linear", ...) and,
+    without ``target_modules``, targets all of them; ``enable_lora`` maps a key (matched as
+    rank_pattern's) to loralib's slice mask, e.g. ``{"c_attn": [True, False, True]}``: LoRA on
+    the q and v thirds of a fused projection only (``branches.LoraFused``).
     """
 
     r: int = 8
@@ -42,6 +52,9 @@ class LoraConfig:
     use_dora: bool = False
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+    # lorafx only (never written to adapter_config.json; see LORAFX_ONLY):
+    target_forms: list[str] | None = None  # keep sites of these forms/kinds ("conv", "matmul")
+    enable_lora: dict[str, list[bool]] = field(default_factory=dict)  # key → fused slice mask
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -50,31 +63,41 @@ class LoraConfig:
 
     def validate(self) -> None:
         """Refuse values PEFT would refuse or that make no sense, with a one-line reason."""
-        if not isinstance(self.r, int) or self.r < 1:
+        _check_types(self)
+        if self.r < 1:
             raise LoraFxError(f"rank r={self.r!r} must be an integer >= 1")
-        if not self.lora_alpha > 0:
-            raise LoraFxError(f"lora_alpha={self.lora_alpha!r} must be > 0")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise LoraFxError(f"lora_alpha={self.lora_alpha!r} must be a finite number > 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise LoraFxError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if self.init_lora_weights not in _INITS:
             raise LoraFxError(f"init_lora_weights={self.init_lora_weights!r} is not supported: "
-                              "use true, false or 'gaussian'")
+                              "use true, false, 'gaussian', 'pissa' or 'olora' (pissa_niter_K "
+                              "is randomized: loading could not recompute the residual)")
         if self.bias != "none":
             raise LoraFxError(f"bias={self.bias!r} is not supported: only 'none'")
-        if self.use_dora:
-            raise LoraFxError("use_dora=true is not supported yet: train a plain LoRA adapter")
         for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank < 1:
+            if rank < 1:
                 raise LoraFxError(f"rank_pattern[{key!r}]={rank!r} must be an integer >= 1")
         for key, alpha in self.alpha_pattern.items():
-            if not alpha > 0:
-                raise LoraFxError(f"alpha_pattern[{key!r}]={alpha!r} must be > 0")
-        if isinstance(self.target_modules, str):
-            try:
-                re.compile(self.target_modules)
-            except re.error as err:
-                raise LoraFxError(f"target_modules regex {self.target_modules!r} is invalid: "
-                                  f"{err}") from err
+            if not (alpha > 0 and math.isfinite(alpha)):
+                raise LoraFxError(f"alpha_pattern[{key!r}]={alpha!r} must be a finite number > 0")
+        regexes = [("target_modules", self.target_modules), ("exclude_modules",
+                   self.exclude_modules)] + [("rank_pattern", k) for k in self.rank_pattern] \
+            + [("alpha_pattern", k) for k in self.alpha_pattern]
+        for what, regex in regexes:
+            if isinstance(regex, str):
+                try:
+                    re.compile(regex)
+                except re.error as err:
+                    raise LoraFxError(f"{what} regex {regex!r} is invalid: {err}") from err
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise LoraFxError("layers_to_transform cannot be used with a regex or 'all-linear' "
+                              "target_modules (PEFT refuses it too): list the module names")
+        for key, mask in self.enable_lora.items():
+            if not any(mask):
+                raise LoraFxError(f"enable_lora[{key!r}]={mask!r} needs at least one true "
+                                  "slice, e.g. [true, false, true]")
 
     # --- per-site values (PEFT's get_pattern_key) ---------------------------------------
     @staticmethod
@@ -91,6 +114,11 @@ class LoraConfig:
     def alpha_for(self, site: str) -> float:
         key = self._pattern_key(self.alpha_pattern, site)
         return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
+
+    def slices_for(self, site: str) -> list[bool] | None:
+        """The fused-slice mask of ``site`` (loralib's enable_lora), None for a plain LoRA."""
+        key = self._pattern_key(self.enable_lora, site)
+        return list(self.enable_lora[key]) if key is not None else None
 
     def scale_for(self, site: str) -> float:
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023)."""
@@ -114,7 +142,9 @@ class LoraConfig:
             return False
         if isinstance(tm, str):
             return re.fullmatch(tm, site) is not None
-        if not (site in tm or any(site.endswith("." + key) for key in tm)):
+        if site in tm:  # as PEFT: a full name is taken without the layers_to_transform check
+            return True
+        if not any(site.endswith("." + key) for key in tm):
             return False
         return self._layer_ok(site)
 
@@ -144,6 +174,8 @@ class LoraConfig:
     def to_peft_dict(self) -> dict[str, Any]:
         """The adapter_config.json that PEFT's ``LoraConfig.from_pretrained`` reads."""
         out = dataclasses.asdict(self)
+        for key in LORAFX_ONLY:
+            out.pop(key, None)
         out.update(peft_type="LORA", inference_mode=True, lora_bias=False, layers_pattern=None
                    if self.layers_pattern is None else self.layers_pattern)
         return out
@@ -157,12 +189,89 @@ class LoraConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
         for key in ("rank_pattern", "alpha_pattern"):
-            kwargs[key] = dict(kwargs.get(key) or {})
-        if data.get("lora_bias"):
-            raise LoraFxError("adapter uses lora_bias=true, which lorafx does not support")
-        if data.get("layer_replication"):
-            raise LoraFxError("adapter uses layer_replication, which lorafx does not support")
+            kwargs[key] = kwargs.get(key) or {}
+        _refuse_variants(data)
+        unknown = sorted(k for k in data if k not in names and k not in _PEFT_IGNORED
+                         and k not in _PEFT_VARIANTS)
+        if unknown:
+            warnings.warn(f"adapter_config.json keys {', '.join(unknown)} are unknown to lorafx "
+                          "and ignored (PEFT ignores unknown keys the same way)", LoraFxWarning,
+                          stacklevel=2)
         try:
             return cls(**kwargs)
         except TypeError as err:
             raise LoraFxError(f"invalid adapter_config.json: {err}") from err
+
+
+# PEFT LoraConfig fields that do not change what a loaded adapter computes.
+_PEFT_IGNORED = frozenset({
+    "peft_type", "auto_mapping", "peft_version", "revision", "inference_mode", "megatron_config",
+    "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "runtime_config", "qalora_group_size", "ensure_weight_tying"})
+# PEFT LoraConfig fields that change the computation when set: refused unless unset.
+_PEFT_VARIANTS = ("lora_bias", "layer_replication", "use_qalora", "alora_invocation_tokens",
+                  "target_parameters", "trainable_token_indices", "use_bdlora", "arrow_config",
+                  "kasa_config", "monteclora_config", "velora_config")
+
+
+def _refuse_variants(data: dict[str, Any]) -> None:
+    for key in _PEFT_VARIANTS:
+        if data.get(key):
+            raise LoraFxError(f"adapter uses {key}={data[key]!r}, a LoRA variant lorafx does "
+                              "not support: use a plain LoRA adapter")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+
+
+def _opt(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+_TYPES: dict[str, tuple[Any, str]] = {  # field: (check, what it must be)
+    "r": (_is_int, "an integer"),
+    "lora_alpha": (_is_real, "a number"),
+    "lora_dropout": (_is_real, "a number"),
+    "target_modules": (_opt(lambda v: isinstance(v, str) or _is_str_list(v)),
+                       "a list of names or a regex string"),
+    "exclude_modules": (_opt(lambda v: isinstance(v, str) or _is_str_list(v)),
+                        "a list of names or a regex string"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a name"),
+    "bias": (lambda v: isinstance(v, str), "a string"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and _is_int(x) for k, x in v.items()), "a map of regex to integer"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and _is_real(x) for k, x in v.items()), "a map of regex to number"),
+    "modules_to_save": (_opt(_is_str_list), "a list of module names"),
+    "layers_to_transform": (_opt(lambda v: _is_int(v) or (isinstance(v, (list, tuple)) and all(
+        _is_int(x) for x in v))), "an integer or a list of integers"),
+    "layers_pattern": (_opt(lambda v: isinstance(v, str) or _is_str_list(v)),
+                       "a name or a list of names"),
+    "base_model_name_or_path": (_opt(lambda v: isinstance(v, str)), "a string"),
+    "task_type": (_opt(lambda v: isinstance(v, str)), "a string"),
+    "target_forms": (_opt(_is_str_list), "a list of form names"),
+    "enable_lora": (lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(m, (list, tuple)) and all(isinstance(b, bool) for b in m)
+        for k, m in v.items()), "a map of regex to a list of true/false"),
+}
+
+
+def _check_types(config: LoraConfig) -> None:
+    """Refuse a field of the wrong type (e.g. ``"r": "8"`` in a JSON file) in one line."""
+    for name, (check, what) in _TYPES.items():
+        if hasattr(config, name) and not check(getattr(config, name)):
+            value = getattr(config, name)
+            raise LoraFxError(f"{name}={value!r} ({type(value).__name__}) must be {what}: fix "
+                              "the value")

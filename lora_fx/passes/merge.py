@@ -1,32 +1,32 @@
 """The merge pass: fold every branch into its weight and erase the branch nodes.
 
-For a site with weight W [out, in]:  W' = W + s · B @ A.  For an [in, out] weight (Conv1D,
-``x @ W``):  W' = W + (s · B @ A)ᵀ. Computed in fp32, cast once to W's dtype, refused when not
-finite. The merged graph is the captured base graph: exactly the tagged nodes are erased.
+Each branch owns its algebra (``LoraBranch.fold``): W' = W + s · B @ A for an [out, in] weight,
+W + (s · B @ A)ᵀ for an [in, out] one (Conv1D, ``x @ W``, embeddings), the reshaped product for
+a conv kernel, the slice rows for a fused projection; all in fp32, cast once, refused when not
+finite. A tensor that ops outside the site also read (tied weights) is never folded into: the
+site's uses get their own W' (``untie``). Otherwise the merged graph is the captured base graph:
+exactly the tagged nodes are erased.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import fx
+from collections import defaultdict
+from collections.abc import Mapping
 
-from ..branches import LoraLinear
-from ..errors import LoraFxError
+import torch
+from torch import fx, nn
+
+from ..branches import LoraBranch
+from ..patterns import weight_readers
 from .runner import PassResult
 from .state import NODE_KEY, SiteRecord, set_attr_cow
+from .untie import untie
 
 
-def folded_weight(weight: torch.Tensor, branch: LoraLinear, layout: str,
+def folded_weight(weight: torch.Tensor, branch: LoraBranch, layout: str,
                   site: str) -> torch.Tensor:
     """W + ΔW in fp32, cast once to W's dtype; LoraFxError when the result is not finite."""
-    delta = branch.delta_weight()
-    if layout == "in_out":
-        delta = delta.t()
-    merged = weight.detach().float() + delta.to(weight.device)
-    if not torch.isfinite(merged).all():
-        raise LoraFxError(f"merging site {site!r} gives non-finite weights: the adapter holds "
-                          "inf/nan or overflows; check its training")
-    return merged.to(weight.dtype)
+    return branch.fold(weight, layout, where=site)
 
 
 def erase_branches(graph: fx.Graph) -> int:
@@ -40,17 +40,38 @@ def erase_branches(graph: fx.Graph) -> int:
             erased += 1
     for node in reversed(list(graph.nodes)):
         tag = node.meta.get(NODE_KEY)
-        if tag and tag["role"] == "delta":
+        if tag and tag["role"] in ("delta", "base"):  # base: W, b read by a DoRA delta
             graph.erase_node(node)
     return erased
 
 
-def merge_pass(gm: fx.GraphModule, sites: dict[str, SiteRecord],
-               branches: dict[str, LoraLinear]) -> PassResult:
+def site_uses(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+    """Site name → the ops its branch is added to (the first argument of each tagged add)."""
+    uses: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        tag = node.meta.get(NODE_KEY)
+        if tag and tag["role"] == "add":
+            uses[tag["site"]].append(node.args[0])
+    return uses
+
+
+def merge_pass(gm: fx.GraphModule, sites: Mapping[str, SiteRecord],
+               branches: Mapping[str, LoraBranch]) -> PassResult:
     """Fold each site's branch into its weight (in ``gm``, copy-on-write) and erase branches."""
+    readers = weight_readers(gm)
+    uses = site_uses(gm.graph)
+    untied = 0
     for name, rec in sites.items():
         weight = gm.get_parameter(rec.weight)
-        merged = folded_weight(weight, branches[name], rec.layout, name)
-        set_attr_cow(gm, rec.weight, torch.nn.Parameter(merged, requires_grad=False))
+        merged = nn.Parameter(branches[name].fold(weight, rec.layout, where=name),
+                              requires_grad=False)
+        mine = set(uses[name])
+        others = [n for n in readers[id(weight)] if n not in mine and NODE_KEY not in n.meta]
+        if others:
+            untie(gm, uses[name], weight, merged, name)
+            readers[id(weight)] = others
+            untied += 1
+        else:
+            set_attr_cow(gm, rec.weight, merged)
     erased = erase_branches(gm.graph)
-    return PassResult(gm, erased > 0, {"merged": len(sites), "erased": erased})
+    return PassResult(gm, erased > 0, {"merged": len(sites), "untied": untied, "erased": erased})

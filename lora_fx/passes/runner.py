@@ -20,9 +20,17 @@ def run_pass(name: str, fn: Callable[..., PassResult], gm: fx.GraphModule, *args
              **kwargs: Any) -> PassResult:
     """Run ``fn(gm, *args, **kwargs)``, then ``graph.lint()`` and ``recompile()``.
 
-    A graph left invalid raises LoraFxError naming the pass (a bug in lorafx, not the input).
+    A graph left invalid, or a pass failing with anything but a LoraFxError (which already
+    explains bad input), raises LoraFxError naming the pass (a bug in lorafx, not the input).
     """
-    result = fn(gm, *args, **kwargs)
+    try:
+        result = fn(gm, *args, **kwargs)
+    except LoraFxError:
+        raise
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise LoraFxError(f"internal error: pass {name!r} failed with {type(err).__name__}: "
+                          f"{first}; please report it with the model that triggered it") from err
     try:
         result.gm.graph.lint()
         result.gm.recompile()

@@ -1,0 +1,85 @@
+"""The branch interface every LoRA variant implements (see the package docstring)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import LoraFxError
+
+
+class Factor(nn.Module):
+    """A bare trainable matrix exposed as ``.weight`` (PEFT keeps embedding factors this way)."""
+
+    def __init__(self, *shape: int, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.weight.shape)}"
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` typed as a tensor (nn.Module attributes are untyped for mypy)."""
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
+def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    """``dst[...] = src`` after a shape check that names ``what``; a meta ``dst`` is left alone."""
+    if dst.shape != src.shape:
+        raise LoraFxError(f"{what} has shape {tuple(src.shape)} but the model needs "
+                          f"{tuple(dst.shape)}: the adapter belongs to another model")
+    if not dst.is_meta:
+        with torch.no_grad():
+            dst.copy_(src.to(dst.dtype))
+
+
+class LoraBranch(nn.Module):
+    """Δ(x) = s · B(A(x)) added to one op's output; subclasses fix what A and B are.
+
+    Subclasses set ``lora_A`` / ``lora_B`` (modules whose ``.weight`` is PEFT's tensor) and
+    ``scaling``, and implement :meth:`forward` and :meth:`delta_weight`.
+    """
+
+    kind: ClassVar[str] = "linear"
+    lora_A: nn.Module
+    lora_B: nn.Module
+    scaling: float
+
+    @property
+    def r(self) -> int:
+        return int(weight_of(self.lora_A).shape[0])
+
+    def delta_weight(self, layout: str = "out_in") -> torch.Tensor:
+        """ΔW in fp32, shaped like the base weight (``layout`` "in_out": transposed)."""
+        raise NotImplementedError
+
+    def fold(self, weight: torch.Tensor, layout: str = "out_in", where: str = "") -> torch.Tensor:
+        """W + ΔW computed in fp32, cast once to W's dtype; LoraFxError when not finite."""
+        delta = self.delta_weight(layout)
+        if delta.shape != weight.shape:
+            raise LoraFxError(f"merging site {where!r}: ΔW {tuple(delta.shape)} does not fit the "
+                              f"weight {tuple(weight.shape)}; the adapter belongs to another model")
+        merged = (weight.detach().float() + delta.to(weight.device)).to(weight.dtype)
+        if not torch.isfinite(merged).all():  # after the cast: fp16/bf16 overflow counts too
+            raise LoraFxError(f"merging site {where!r} gives non-finite weights: the adapter "
+                              f"holds inf/nan or W + ΔW overflows {weight.dtype}; check its "
+                              "training")
+        return merged
+
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as PEFT saves them (detached)."""
+        return weight_of(self.lora_A).detach(), weight_of(self.lora_B).detach()
+
+    def load_factors(self, a: torch.Tensor, b: torch.Tensor, where: str) -> None:
+        """Copy PEFT's (A, B) in, checking shapes (the inverse of :meth:`peft_factors`)."""
+        copy_checked(weight_of(self.lora_A), a, f"{where}.lora_A")
+        copy_checked(weight_of(self.lora_B), b, f"{where}.lora_B")
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}"
