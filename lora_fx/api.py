@@ -37,6 +37,9 @@ def plan(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig,
         raise LoraFxError("this model already has LoRA branches: inject into the base model, "
                           "or merge first")
     gm = capture(model, example_inputs, dynamic_shapes)
+    if gm is model:  # already captured: work on a copy, never on the caller's graph
+        gm = fx.GraphModule(model, _copy_graph(model.graph))
+        gm.meta[CAPTURE_KEY] = model.meta[CAPTURE_KEY]
     sites, skips = find_sites(gm)
     chosen, rest = select(sites, config, model)  # target_modules / all-linear / target_forms
     for skip in skips:

@@ -117,7 +117,8 @@ def inspect(model: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("model")
 @click.option("-t", "--target", "targets", multiple=True,
-              help="Site name or .-suffix (repeatable), as PEFT's target_modules.")
+              help="Site name or .-suffix (repeatable), as PEFT's target_modules; "
+                   "'all-linear' for every linear but the output head.")
 @click.option("--target-regex", help="A regex matched against the whole site name instead.")
 @click.option("-r", "--rank", "rank", type=int, default=8, show_default=True)
 @click.option("--alpha", type=float, default=None, help="lora_alpha (default: the rank).")
@@ -156,7 +157,8 @@ def inject(model: str, targets: tuple[str, ...], target_regex: str | None, rank:
         check_writable_dir(Path(output).parent.resolve())
     config = LoraConfig(
         r=rank, lora_alpha=alpha if alpha is not None else rank,
-        target_modules=target_regex if target_regex else list(targets),
+        target_modules=target_regex if target_regex else (
+            "all-linear" if targets == ("all-linear",) else list(targets)),
         lora_dropout=dropout, use_rslora=rslora, init_lora_weights=_init_value(init),
         rank_pattern=_patterns(rank_pattern, int), alpha_pattern=_patterns(alpha_pattern, float),
         modules_to_save=list(modules_to_save) or None)
