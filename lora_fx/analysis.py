@@ -45,9 +45,18 @@ def _label(source: AdapterLike) -> str:
     return "<adapter in memory>" if isinstance(source, Adapter) else str(source)
 
 
+def check_finite(adapter: Adapter, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``site``'s (A, B), refused when they hold inf or NaN (an SVD of them would fail)."""
+    a, b = adapter.lora[site]
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise LoraFxError(f"site {site!r} has non-finite values in lora_A or lora_B: the adapter "
+                          "is corrupt (did training diverge?); retrain or restore it")
+    return a, b
+
+
 def factors(adapter: Adapter, site: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(s·B, A) of ``site`` as 2-D float64 matrices, so that ΔW = (s·B) @ A (conv flattened)."""
-    a, b = adapter.lora[site]
+    a, b = check_finite(adapter, site)
     scale = adapter.config.scale_for(site)
     return scale * b.detach().double().flatten(1), a.detach().double().flatten(1)
 

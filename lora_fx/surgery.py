@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .adapters import Adapter
-from .analysis import AdapterLike, as_adapter, factors, lowrank_svd
+from .analysis import AdapterLike, as_adapter, check_finite, factors, lowrank_svd
 from .config import LoraConfig
 from .errors import LoraFxError
 
@@ -108,7 +108,7 @@ def _site_inputs(adapters: Sequence[Adapter], weights: Sequence[float], site: st
     out = []
     for adapter, weight in zip(adapters, weights, strict=True):
         if site in adapter.lora:
-            a, b = adapter.lora[site]
+            a, b = check_finite(adapter, site)
             out.append((a.detach().double().flatten(1), b.detach().double().flatten(1),
                         float(weight) * adapter.config.scale_for(site)))
     shapes = {(b.shape[0], a.shape[1]) for a, b, _ in out}
@@ -185,8 +185,9 @@ def combine(adapters: Sequence[AdapterLike], weights: Sequence[float], method: s
       carries cross terms B_i A_j (PEFT calls it a rough approximation).
 
     Weights may be negative. A site missing from some adapters combines the ones that have it.
-    The result's sites are the union; its config is the first adapter's with r = the largest
-    site rank, lora_alpha = r (s = 1), rsLoRA off, target_modules the union. Unlike PEFT, which
+    The result's sites are the union (each in the dtype of the first adapter that has it); its
+    config is the first adapter's with r = the largest site rank, lora_alpha = r (s = 1),
+    rsLoRA off, target_modules and modules_to_save the unions. Unlike PEFT, which
     falls back to "linear" for a single adapter, "svd" on one adapter truncates w · ΔW.
     """
     loaded = [as_adapter(a) for a in adapters]

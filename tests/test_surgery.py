@@ -127,6 +127,10 @@ def test_resize_refuses_bad_rank() -> None:
     for bad in (0, -1, 2.5):
         with pytest.raises(LoraFxError, match="rank"):
             resize(make_adapter(4), bad)  # type: ignore[arg-type]
+    broken = make_adapter(4)
+    broken.lora["0"][1][0, 0] = float("nan")
+    with pytest.raises(LoraFxError, match="non-finite"):
+        resize(broken, 2)
 
 
 # --- combine against PEFT -------------------------------------------------------------------

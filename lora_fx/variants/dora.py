@@ -1,0 +1,201 @@
+"""DoRA (Liu et al. 2024): weight-decomposed LoRA, in PEFT's math and format.
+
+For a linear site y = x Wᵀ + b, W [out, in] (Wᵀ stored for an [in, out] weight), rank-r
+factors A, B, scale s and a trainable magnitude m [out] (PEFT's ``lora_magnitude_vector``):
+
+    V = W + s·B A,   g = m / ‖V‖_r   (‖·‖_r: the L2 norm of each output row, PEFT's
+                                      ``weight_norm``; detached from the gradient, as DoRA's §4.3)
+    y' = g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b  =  x (g ⊙ V)ᵀ + b     (bias unscaled)
+
+At init m = ‖W + s·B A‖_r, so g = 1 and y' = y. The branch is still added to the op's output:
+Δ = y' − y = (g − 1) ⊙ (y − b) + g ⊙ s·B A x, so its graph node reads the op output y, the
+weight W and the bias b besides x (``dora_pass`` wires them; the ``get_attr`` nodes it adds are
+tagged and erased by merge). With dropout in training, PEFT computes the base part on the
+dropped input instead, (g − 1) ⊙ F.linear(dropout(x), W) + g ⊙ s·B A dropout(x); so does this.
+
+Merge folds it exactly: W' = g ⊙ (W + s·B A) (rows), bias unchanged. Saved as PEFT saves it:
+``base_model.model.<site>.lora_magnitude_vector`` [out] beside ``lora_A`` / ``lora_B``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..branches import LoraLinear, weight_of
+from ..config import LoraConfig
+from ..errors import LoraFxError
+from ..passes.runner import PassResult, run_pass
+from ..passes.state import NODE_KEY, get_state, require_state
+from ..patterns import Site
+
+FORMS = ("nn.Linear", "F.linear", "addmm", "matmul")  # linear forms whose bias DoRA can find
+
+
+class DoraLinear(LoraLinear):
+    """LoRA plus DoRA's magnitude (see the module docstring for the math).
+
+    ``forward(x, y, weight, bias)`` returns Δ = y' − y; ``layout`` is the stored weight's
+    ("in_out": [in, out], transposed before use).
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, scale: float,
+                 dropout: float = 0.0, init: bool | str = True, layout: str = "out_in",
+                 dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+        super().__init__(in_features, out_features, r, scale, dropout, init, dtype, device)
+        self.layout = layout
+        self.lora_magnitude_vector = nn.Parameter(
+            torch.ones(out_features, dtype=dtype, device=device))
+
+    def _out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t() if self.layout == "in_out" else weight
+
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """‖W + s·B A‖ per output row, detached (PEFT's ``get_weight_norm``), in W's dtype."""
+        lora = weight_of(self.lora_B) @ weight_of(self.lora_A)
+        v = self._out_in(weight) + self.scaling * lora.detach().to(weight.dtype)
+        return torch.linalg.norm(v, dim=1).to(weight.dtype).detach()
+
+    def reset_magnitude(self, weight: torch.Tensor) -> None:
+        """m = ‖W + s·B A‖_r, so that the site computes y' = y."""
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.weight_norm(weight.float()))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,  # type: ignore[override]
+                weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None or weight is None:
+            raise LoraFxError("a DoRA branch needs the op output and weight: inject it with "
+                              "lora_fx.inject(config with use_dora=True)")
+        w = weight.to(x.dtype)
+        g = self.lora_magnitude_vector / self.weight_norm(w)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base = y - bias if bias is not None else y
+        else:
+            x = self.lora_dropout(x)
+            base = F.linear(x, self._out_in(w))
+        lora = self.lora_B(self.lora_A(x))
+        return (g - 1) * base + g * lora * self.scaling
+
+    def fold(self, weight: torch.Tensor, layout: str = "out_in", where: str = "") -> torch.Tensor:
+        """W' = g ⊙ (W + s·B A) with g = m / ‖W + s·B A‖_r, fp32, cast once; refused when not
+        finite (e.g. a row whose norm is 0)."""
+        w = self._out_in(weight.detach().float())
+        v = w + self.delta_weight("out_in").to(w.device)
+        merged = (self.lora_magnitude_vector.detach().float() / torch.linalg.norm(v, dim=1)
+                  )[:, None] * v
+        if not torch.isfinite(merged).all():
+            raise LoraFxError(f"merging DoRA site {where!r} gives non-finite weights: a row of "
+                              "W + s·B@A has norm 0 or the adapter holds inf/nan")
+        return self._out_in(merged).to(weight.dtype).contiguous()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", dora=True"
+
+
+def dora_branch(site: Site, config: LoraConfig, dtype: torch.dtype,
+                device: torch.device) -> DoraLinear:
+    """The DoRA branch for ``site`` (``use_dora``); linear forms only, as a one-line dispatch
+    from the inject pass's ``build_branch``."""
+    if site.kind != "linear" or site.form not in FORMS or config.slices_for(site.name):
+        raise LoraFxError(f"site {site.name!r} ({site.form}): lorafx supports DoRA on linear "
+                          f"ops ({', '.join(FORMS)}) only; leave it out of target_modules")
+    if site.shared:
+        raise LoraFxError(f"site {site.name!r}: its weight is shared with {site.shared[0]!r}; "
+                          "DoRA rescales the whole weight, so it cannot target a tied weight")
+    return DoraLinear(site.in_features, site.out_features, config.rank_for(site.name),
+                      config.scale_for(site.name), config.lora_dropout, config.init_lora_weights,
+                      site.layout, dtype=dtype, device=device)
+
+
+def _bias(gm: fx.GraphModule, op: fx.Node, form: str, site: str) -> tuple[Any, bool]:
+    """(the bias the op adds, True when it is a new get_attr node to insert and tag)."""
+    if form == "nn.Linear":
+        return (f"{op.target}.bias", True) if gm.get_submodule(str(op.target)).bias is not None \
+            else (None, False)
+    if form == "F.linear":
+        return (op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")), False
+    if form == "addmm":
+        if op.kwargs.get("beta", 1) != 1 or op.kwargs.get("alpha", 1) != 1:
+            raise LoraFxError(f"site {site!r}: addmm with beta/alpha != 1 cannot take DoRA")
+        return op.args[0], False
+    return None, False
+
+
+def dora_pass(gm: fx.GraphModule) -> PassResult:
+    """Rewire each DoRA delta node: ``lora.<site>(x)`` → ``lora.<site>(x, y, W, b)``."""
+    state = require_state(gm)
+    graph = gm.graph
+    wired = 0
+    for node in list(graph.nodes):
+        tag = node.meta.get(NODE_KEY) or {}
+        if tag.get("role") != "delta" or not isinstance(
+                gm.get_submodule(str(node.target)), DoraLinear):
+            continue
+        rec = state.sites[tag["site"]]
+        add = next(u for u in node.users if (u.meta.get(NODE_KEY) or {}).get("role") == "add")
+        op = add.args[0]
+        assert isinstance(op, fx.Node)
+        bias, new_bias = _bias(gm, op, rec.form, rec.name)
+        with graph.inserting_before(node):
+            w = graph.get_attr(rec.weight)
+            w.meta[NODE_KEY] = {"site": rec.name, "role": "base"}
+            if new_bias:
+                bias = graph.get_attr(bias)
+                bias.meta[NODE_KEY] = {"site": rec.name, "role": "base"}
+        node.args = (node.args[0], op, w, bias)
+        wired += 1
+    return PassResult(gm, wired > 0, {"dora": wired})
+
+
+def attach(gm: fx.GraphModule) -> int:
+    """After inject: wire every DoRA branch into the graph and set m = ‖W + s·B A‖_r.
+
+    A no-op (returns 0) without DoRA branches; weights on the meta device keep m = 1.
+    """
+    state = get_state(gm)
+    if state is None or not state.config.use_dora:
+        return 0
+    run_pass("dora", dora_pass, gm)
+    count = 0
+    for rec in state.sites.values():
+        branch = gm.get_submodule(rec.branch)
+        weight = gm.get_parameter(rec.weight)
+        if isinstance(branch, DoraLinear) and not weight.is_meta:
+            branch.reset_magnitude(weight)
+            count += 1
+    return count
+
+
+def magnitudes(gm: nn.Module) -> dict[str, torch.Tensor]:
+    """Site → m of every DoRA branch (detached), as PEFT saves ``lora_magnitude_vector``."""
+    state = require_state(gm)
+    out = {}
+    for name, rec in state.sites.items():
+        branch = gm.get_submodule(rec.branch)
+        if isinstance(branch, DoraLinear):
+            out[name] = branch.lora_magnitude_vector.detach()
+    return out
+
+
+def load_magnitudes(gm: nn.Module, loaded: dict[str, torch.Tensor], where: str) -> None:
+    """Copy each site's saved m into its DoRA branch; refuse a missing or extra one."""
+    mine = magnitudes(gm)
+    if set(mine) != set(loaded):
+        odd = sorted(set(mine) ^ set(loaded))[0]
+        raise LoraFxError(f"{where}: site {odd!r} has lora_magnitude_vector in only one of the "
+                          "adapter and its config (use_dora): the adapter is inconsistent")
+    state = require_state(gm)
+    for name, m in loaded.items():
+        branch = gm.get_submodule(state.sites[name].branch)
+        assert isinstance(branch, DoraLinear)
+        target = branch.lora_magnitude_vector
+        if target.shape != m.shape:
+            raise LoraFxError(f"{where}: {name}.lora_magnitude_vector has shape "
+                              f"{tuple(m.shape)} but the model needs {tuple(target.shape)}")
+        if not target.is_meta:
+            with torch.no_grad():
+                target.copy_(m.to(target.dtype))
