@@ -162,8 +162,8 @@ def inject(model: str, targets: tuple[str, ...], target_regex: str | None, rank:
         lora_dropout=dropout, use_rslora=rslora, init_lora_weights=_init_value(init),
         rank_pattern=_patterns(rank_pattern, int), alpha_pattern=_patterns(alpha_pattern, float),
         modules_to_save=list(modules_to_save) or None)
-    torch.manual_seed(seed)
     loaded = load_model(model, meta=dry_run)
+    torch.manual_seed(seed)  # after the model file ran: it may seed torch itself
     gm = api.inject(loaded.module, loaded.example_inputs, config, loaded.dynamic_shapes)
     trainable, total = api.count_parameters(gm)
     state = api.require_state(gm)
