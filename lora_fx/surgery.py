@@ -81,6 +81,13 @@ def _truncate(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[Factors, flo
     return (root[:, None] * vh[:k], u[:, :k] * root), kept
 
 
+def _refuse_dora(adapters: Sequence[Adapter]) -> None:
+    """SVD surgery on ΔW would drop DoRA's magnitude vector: refuse rather than lose it."""
+    if any(a.magnitude for a in adapters):
+        raise LoraFxError("DoRA adapters (lora_magnitude_vector) cannot be resized or combined "
+                          "by SVD: the magnitude would be lost; merge the adapter instead")
+
+
 def resize(adapter: Adapter, rank: int) -> tuple[Adapter, dict[str, float]]:
     """Truncate every site's ΔW to rank ``rank`` by SVD: ΔW ≈ U_k S_k V_kᵀ (the best rank-k
     approximation in Frobenius norm), with ‖ΔW - ΔW'‖²_F = Σ_{i>k} σ_i².
@@ -94,6 +101,7 @@ def resize(adapter: Adapter, rank: int) -> tuple[Adapter, dict[str, float]]:
         raise LoraFxError(f"rank={rank!r} must be an integer >= 1")
     if not adapter.lora:
         raise LoraFxError("the adapter has no LoRA site: nothing to resize")
+    _refuse_dora([adapter])
     parts: dict[str, Factors] = {}
     kept: dict[str, float] = {}
     for site in sorted(adapter.lora):
@@ -191,6 +199,7 @@ def combine(adapters: Sequence[AdapterLike], weights: Sequence[float], method: s
     falls back to "linear" for a single adapter, "svd" on one adapter truncates w · ΔW.
     """
     loaded = [as_adapter(a) for a in adapters]
+    _refuse_dora(loaded)
     _check_combinable(loaded, weights, method, rank)
     sites = sorted({s for a in loaded for s in a.lora})
     if not sites:
