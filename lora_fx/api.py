@@ -258,7 +258,15 @@ def apply_adapter(model: nn.Module, example_inputs: tuple[Any, ...], adapter: Ad
         copy.copy(adapter.config)
     if not reads_weight(config.init_lora_weights):  # PiSSA/OLoRA recompute W_res, as PEFT
         config.init_lora_weights = False
-    gm = inject(model, example_inputs, config, dynamic_shapes)
+    try:
+        gm = inject(model, example_inputs, config, dynamic_shapes)
+    except LoraFxError as err:
+        if "matches no site" not in str(err):
+            raise
+        first = sorted(adapter.lora)[0] if adapter.lora else "?"
+        raise LoraFxError(f"{where}: site {first!r} of the adapter is not in this model: the "
+                          "adapter belongs to another model (`lorafx inspect MODEL` lists its "
+                          "sites)") from err
     state = require_state(gm)
     have, want = set(state.sites), set(adapter.lora)
     if want - have:
