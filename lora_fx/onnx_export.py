@@ -2,13 +2,15 @@
 
 Merged export: W' = W + s·B@A folded first, so the file's op histogram is the base model's.
 Models past 2 GB get external data. ``verify`` runs ONNX Runtime on the example inputs and
-fails when max |ORT − PyTorch| > atol.
+fails when max |ORT − PyTorch| > atol. Unmerged export: see ``onnx_unmerged``. ``dtype``
+fp16/bf16: merge in fp32, cast once, report the error against fp32.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -21,10 +23,13 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .errors import LoraFxError
+from .errors import LoraFxError, LoraFxWarning
 from .fileio import check_writable_dir
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the graph
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# verification of a cast export: max |ORT − fp32 PyTorch| <= rtol · max(1, max |y|)
+DTYPE_RTOL = {"fp32": 0.0, "fp16": 1e-2, "bf16": 6e-2}
 
 
 @dataclass
@@ -40,9 +45,15 @@ class ExportReport:
 
 
 def op_histogram(model: Any) -> Counter[str]:
-    """``domain::op_type`` counts over the graph, its subgraphs and local functions."""
+    """``domain::op_type`` counts over the graph, its subgraphs and local functions.
+
+    ``model``: an ``onnx.ModelProto``, or an ``onnx_ir.Model`` (an ONNXProgram's ``.model``),
+    which is walked as is: ``program.model_proto`` would serialize every weight (a full copy).
+    """
     import onnx
 
+    if not isinstance(model, onnx.ModelProto):
+        return _ir_histogram(model)
     counts: Counter[str] = Counter()
 
     def walk(graph: onnx.GraphProto) -> None:
@@ -61,17 +72,64 @@ def op_histogram(model: Any) -> Counter[str]:
     return counts
 
 
+def _ir_histogram(model: Any) -> Counter[str]:
+    """``op_histogram`` of an ``onnx_ir.Model``: the same counts, no tensor touched."""
+    from onnx_ir.traversal import RecursiveGraphIterator
+
+    counts: Counter[str] = Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}"
+                                   for n in RecursiveGraphIterator(model.graph))
+    for fn in model.functions.values():
+        counts.update(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in fn)
+    return counts
+
+
+def initializer_bytes(model: Any) -> int:
+    """Bytes of an ``onnx_ir.Model``'s initializers (what external data would hold)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+
+
+def forget_rewriter_state() -> None:
+    """Let the last export's graph (and every weight it references) be freed.
+
+    onnxscript's rewrite rules are module-level objects whose matchers keep the last graph they
+    matched: after ``torch.onnx.export(optimize=True)`` the whole model stays alive until the
+    next export. For a big model that is a second copy held while ONNX Runtime verifies.
+    """
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+        from onnxscript.rewriter._rewrite_rule import RewriteRule, RewriteRuleSet
+    except ImportError:  # another onnxscript layout: nothing known to reset
+        return
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not name.startswith("onnxscript."):
+            continue
+        for value in list(vars(mod).values()):
+            rules = [value] if isinstance(value, RewriteRule) else \
+                list(value.rules) if isinstance(value, RewriteRuleSet) else []
+            for rule in rules:
+                matcher = getattr(rule, "_matcher", None)
+                if isinstance(matcher, SimplePatternMatcher):
+                    for attr in ("_graph", "_current_node", "_match"):
+                        setattr(matcher, attr, None)
+
+
 def flat_outputs(out: Any) -> list[torch.Tensor]:
     """PyTorch outputs flattened as the exporter flattens them (tensors only)."""
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def to_onnx(module: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: Any = None,
-            opset: int | None = None) -> Any:
-    """torch.onnx.export(dynamo=True) → ONNXProgram, with actionable errors."""
+            opset: int | None = None, translations: dict[Any, Any] | None = None) -> Any:
+    """torch.onnx.export(dynamo=True) → ONNXProgram, with actionable errors.
+
+    ``translations``: the exporter's ``custom_translation_table`` (op → onnxscript function).
+    """
     kwargs: dict[str, Any] = {"dynamo": True, "verbose": False, "optimize": True}
     if opset is not None:
         kwargs["opset_version"] = opset
+    if translations:
+        kwargs["custom_translation_table"] = translations
     if dynamic_shapes is not None:
         kwargs["dynamic_shapes"] = dynamic_shapes
     was_training = module.training
@@ -92,8 +150,7 @@ def save_program(program: Any, path: Path, external_data: bool | None = None) ->
     """Save atomically: into a temporary dir beside ``path``, then rename data and model."""
     path = Path(path)
     check_writable_dir(path.parent.resolve())
-    proto = program.model_proto
-    size = sum(t.ByteSize() for t in proto.graph.initializer)
+    size = initializer_bytes(program.model)  # not model_proto: that copies every weight
     use_external = size > EXTERNAL_DATA_BYTES if external_data is None else external_data
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -113,30 +170,160 @@ def save_program(program: Any, path: Path, external_data: bool | None = None) ->
 def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path,
                 merge: bool = True, opset: int | None = None, verify: bool = True,
                 dynamic_shapes: Any = None, atol: float = 1e-4,
-                providers: list[str] | None = None) -> ExportReport:
+                providers: list[str] | None = None, dtype: str | None = None,
+                model: nn.Module | None = None, release: bool = False) -> ExportReport:
     """Export ``gm`` (an injected GraphModule, or any module) to ONNX at ``path``.
 
     ``merge=True`` folds every branch first (the file is the base model's graph with new
-    weights); ``merge=False`` keeps the branches. ``verify`` compares ONNX Runtime's outputs
-    with PyTorch's on ``example_inputs`` and raises LoraFxError above ``atol``.
+    weights); ``merge=False`` keeps each branch as MatMul(x, A')→MatMul(·, B')→Add with A', B'
+    as ONNX Runtime adapter inputs (``onnx_unmerged``). ``verify`` compares ONNX Runtime's
+    outputs with PyTorch's on ``example_inputs`` and raises LoraFxError above ``atol``.
+    ``dtype`` "fp16"/"bf16": merge in fp32, cast every floating weight once (see ``lowered``:
+    a torch.export capture also needs the eager ``model``); ``extras["error_vs_fp32"]`` holds
+    max |y − y_fp32| of PyTorch and ONNX Runtime, and verification allows
+    ``DTYPE_RTOL[dtype] · max(1, max |y_fp32|)``.
+
+    ``release=True`` (models too big for two copies): after the export PyTorch's outputs are
+    kept, every weight of ``gm`` (and so of the user's model, which shares them) is freed, then
+    ONNX Runtime verifies; the model cannot run afterwards.
     """
     from . import api
     from .passes.state import get_state
 
+    if dtype is not None and dtype not in DTYPES:
+        raise LoraFxError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     start = time.perf_counter()
-    module: nn.Module = gm
-    if merge and get_state(gm) is not None:
-        module = api.merge(gm)
+    state = get_state(gm)
+    unmerged = not merge and state is not None
+    reference: nn.Module = api.merge(gm) if merge and state is not None else gm
+    module, args = reference, tuple(example_inputs)
+    if unmerged:
+        from .onnx_unmerged import deploy_module
+        module = deploy_module(gm)
+    dtype = None if dtype in (None, "fp32") else dtype
+    if dtype is not None:
+        args = cast_inputs(args, dtype)
+        module = lowered(gm, module, unmerged, dtype, args, model, dynamic_shapes)
+    from .fast import captured_program, export_program
+    reuse = None if unmerged or dtype is not None or dynamic_shapes is not None \
+        else captured_program(gm, module)  # the capture's own program: no second trace
     if dynamic_shapes is None and isinstance(module, fx.GraphModule):
-        dynamic_shapes = _auto(example_inputs)
-    program = to_onnx(module, example_inputs, dynamic_shapes, opset)
+        dynamic_shapes = _auto(args)
+    extras: dict[str, Any] = {}
+    if unmerged:
+        from .onnx_unmerged import export_unmerged
+        program, extras["lora_inputs"] = export_unmerged(module, args, dynamic_shapes, opset)
+    elif reuse is not None:
+        program = export_program(reuse, opset)
+    else:
+        program = to_onnx(module, args, dynamic_shapes, opset)
     external = save_program(program, Path(path))
     report = ExportReport(Path(path), merge, 0.0, external, dict(op_histogram(
-        program.model_proto)))
-    if verify:
-        verify_onnx(report, module, example_inputs, atol, providers)
+        program.model)), extras=extras)
+    del program  # its IR may hold tensors of its own (folded constants): free them first
+    forget_rewriter_state()
+    if dtype is not None:
+        error = torch_max_diff(forward(module, args), forward(reference, example_inputs))
+        report.extras.update(dtype=dtype, error_vs_fp32={"pytorch": error})
+    want = forward(reference, example_inputs) if verify else None
+    if release:
+        release_weights(gm, reference, module, *([model] if model is not None else []))
+    if want is not None:
+        verify_file(report, args, want, atol, providers, dtype)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def release_weights(*modules: nn.Module) -> None:
+    """Free the memory of every parameter and buffer of ``modules`` (each becomes an empty
+    tensor of its dtype): anything sharing them, the user's model included, cannot run after."""
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+
+def lowered(gm: nn.Module, module: nn.Module, unmerged: bool, dtype: str,
+            args: tuple[Any, ...], model: nn.Module | None, dynamic_shapes: Any) -> nn.Module:
+    """``module`` (``gm`` merged in fp32, or its deploy form) with its weights cast once.
+
+    A symbolic-trace capture or plain module is cast in a copy. A torch.export capture is
+    specialized to fp32 (``to(float32)`` for ``to(x.dtype)``, metadata asserts), so the eager
+    ``model`` it came from is cast and captured again, as the model's code intends (fp32
+    upcasts such as RMSNorm's and rotary's stay fp32), and ``gm``'s merged site weights,
+    modules_to_save and branches (A', B' computed in fp32) are carried over.
+    """
+    from . import api
+    from .capture import CAPTURE_KEY, capture
+    from .onnx_unmerged import deploy_module
+    from .passes.state import get_state, set_attr_cow
+
+    if not (isinstance(gm, fx.GraphModule) and gm.meta.get(CAPTURE_KEY) == "export"):
+        return cast_module(module, dtype)
+    if model is None:
+        raise LoraFxError(f"a {dtype} export of a torch.export capture needs the eager model: "
+                          "pass model= (the module the GraphModule was captured from)")
+    low = cast_module(model, dtype)
+    state = get_state(gm)
+    if state is None:
+        return capture(low, args, dynamic_shapes)
+    for name in state.saved:
+        set_attr_cow(low, name, cast_module(gm.get_submodule(name), dtype))
+    if unmerged:
+        low_gm = api.apply_adapter(low, args, api.to_adapter(gm), dynamic_shapes)
+        return deploy_module(low_gm, source=gm, dtype=DTYPES[dtype])
+    for rec in state.sites.values():
+        weight = module.get_parameter(rec.weight).detach().to(DTYPES[dtype])
+        set_attr_cow(low, rec.weight, nn.Parameter(weight, requires_grad=False))
+    return capture(low, args, dynamic_shapes)
+
+
+def cast_module(module: nn.Module, dtype: str) -> nn.Module:
+    """A copy of ``module`` whose floating parameters and buffers are cast once to ``dtype``
+    (tied tensors stay tied); ``module`` and the user's model keep theirs (copy-on-write).
+    """
+    from .onnx_unmerged import shallow_copy
+    from .passes.state import set_attr_cow
+
+    if dtype not in DTYPES:
+        raise LoraFxError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+    target = DTYPES[dtype]
+    new = shallow_copy(module)
+    cast: dict[int, torch.Tensor] = {}
+    named = [*new.named_parameters(remove_duplicate=False),
+             *new.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        if not t.is_floating_point() or t.dtype == target:
+            continue
+        if id(t) not in cast:
+            low = t.detach().to(target)
+            cast[id(t)] = nn.Parameter(low, requires_grad=False) \
+                if isinstance(t, nn.Parameter) else low
+        set_attr_cow(new, name, cast[id(t)])
+    return new
+
+
+def cast_inputs(args: tuple[Any, ...], dtype: str) -> tuple[Any, ...]:
+    """Floating tensor inputs cast to ``dtype``; integer ones (token ids) unchanged."""
+    target = DTYPES[dtype]
+    return tuple(a.to(target) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+
+
+def forward(module: nn.Module, args: tuple[Any, ...]) -> list[torch.Tensor]:
+    """``module(*args)`` in eval mode without grad, outputs flattened; the mode is restored."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return flat_outputs(module(*args))
+    finally:
+        module.train(was_training)
+
+
+def torch_max_diff(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """max |got − want| over all outputs, in fp64."""
+    return max((float((g.double() - w.double()).abs().max()) for g, w in
+                zip(got, want, strict=True) if w.numel()), default=0.0)
 
 
 def _auto(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -146,22 +333,45 @@ def _auto(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def verify_onnx(report: ExportReport, module: nn.Module, example_inputs: tuple[Any, ...],
-                atol: float = 1e-4, providers: list[str] | None = None) -> None:
-    """Run the file in ONNX Runtime and compare with PyTorch; raise above ``atol``."""
+                atol: float = 1e-4, providers: list[str] | None = None,
+                run_inputs: tuple[Any, ...] | None = None, dtype: str | None = None) -> None:
+    """Run the file in ONNX Runtime and compare with PyTorch; raise above ``atol``.
+
+    A cast export (``dtype``) runs on ``run_inputs`` and is compared with ``module``'s fp32
+    outputs, allowing ``DTYPE_RTOL[dtype] · max(1, max |y|)``; a bf16 file that the provider
+    cannot run (no bf16 kernels on the CPU) is reported unverified with a warning.
+    """
+    verify_file(report, run_inputs if run_inputs is not None else example_inputs,
+                forward(module, example_inputs), atol, providers, dtype)
+
+
+def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.Tensor],
+                atol: float = 1e-4, providers: list[str] | None = None,
+                dtype: str | None = None) -> None:
+    """Run ``report.path`` in ONNX Runtime on ``inputs`` and compare with PyTorch's outputs
+    ``want``; raise above ``atol``. No model needs to be alive: for big models, compute
+    ``want``, release the model, then verify (one copy of the weights at a time).
+    """
     from . import runtime
 
-    was_training = module.training
-    module.eval()
     try:
-        with torch.no_grad():
-            want = flat_outputs(module(*example_inputs))
-    finally:
-        module.train(was_training)
-    sess = runtime.open_session(report.path, providers)
-    got = runtime.run(sess, example_inputs)
+        sess = runtime.open_session(report.path, providers)
+    except LoraFxError as err:
+        if dtype != "bf16" or "NOT_IMPLEMENTED" not in str(err):
+            raise
+        warnings.warn(f"{report.path} not verified: ONNX Runtime cannot run bf16 here ({err}); "
+                      "run it on the CUDA provider", LoraFxWarning, stacklevel=2)
+        report.extras["verify_skipped"] = str(err)
+        return
+    got = runtime.run(sess, inputs)
     report.max_abs_diff = runtime.max_abs_diff(got, want)
     report.provider = runtime.session_provider(sess)
-    if not report.max_abs_diff <= atol:
+    limit = atol
+    if dtype is not None:
+        report.extras.setdefault("error_vs_fp32", {})["onnxruntime"] = report.max_abs_diff
+        scale = max((float(w.abs().max()) for w in want if w.numel()), default=0.0)
+        limit = max(atol, DTYPE_RTOL[dtype] * max(1.0, scale))
+    if not report.max_abs_diff <= limit:
         raise LoraFxError(f"verification failed: max |ONNX Runtime - PyTorch| = "
-                          f"{report.max_abs_diff:.3g} > {atol:g} on {report.provider}; the file "
+                          f"{report.max_abs_diff:.3g} > {limit:g} on {report.provider}; the file "
                           f"{report.path} was written, do not deploy it")
