@@ -86,13 +86,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 @cli.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
-def inspect(model: str, as_json: bool) -> None:
+@click.option("--meta", is_flag=True, help="Build the model on the meta device (no weights).")
+def inspect(model: str, as_json: bool, meta: bool) -> None:
     """List every candidate LoRA site of MODEL and why other linear ops are skipped."""
     from .capture import capture
     from .load import load_model
     from .patterns import find_sites, peft_reachable
 
-    loaded = load_model(model)
+    loaded = load_model(model, meta=meta)
     gm = capture(loaded.module, loaded.example_inputs, loaded.dynamic_shapes)
     sites, skips = find_sites(gm)
     data = {
