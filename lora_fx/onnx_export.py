@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -23,6 +22,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from . import fileio
 from .errors import LoraFxError, LoraFxWarning
 from .fileio import check_writable_dir
 
@@ -152,16 +152,20 @@ def save_program(program: Any, path: Path, external_data: bool | None = None) ->
     check_writable_dir(path.parent.resolve())
     size = initializer_bytes(program.model)  # not model_proto: that copies every weight
     use_external = size > EXTERNAL_DATA_BYTES if external_data is None else external_data
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    fileio.sweep_stale(path.parent, path.name)  # leftovers of killed exports
+    tmp = fileio._temp_path(path.parent, path.name)  # .NAME.PID.RAND.tmp: swept if we die
+    tmp.mkdir()
     try:
         program.save(str(tmp / path.name), external_data=use_external)
         data = tmp / f"{path.name}.data"
         if data.exists():
             os.replace(data, path.parent / data.name)
         os.replace(tmp / path.name, path)
-    except OSError as err:
-        raise LoraFxError(f"could not write {path}: {err.strerror or err}: free space or choose "
-                          "another path") from err
+    except Exception as err:
+        mapped = fileio.io_error(path, err)
+        if mapped is None:
+            raise
+        raise mapped from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return use_external
