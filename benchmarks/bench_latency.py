@@ -1,0 +1,163 @@
+"""Inference latency at batch 1 and a larger batch, ONNX Runtime vs PyTorch eager.
+
+Cases (each with the same LoRA, A and B random and non-zero):
+
+- ``ort merged``: ``lora_fx.export_onnx(merge=True)`` in ONNX Runtime;
+- ``ort base``: the base model's export (no LoRA) in ONNX Runtime: merged must cost the same;
+- ``ort merged+fused``: the merged file after ``lora_fx.ort_optimize.optimize_onnx``
+  (ONNX Runtime's transformer fusions), checked equal to the plain file;
+- ``ort unmerged``: ``export_onnx(merge=False)``, branches kept in the graph;
+- ``eager merged``: lorafx's merged GraphModule; ``eager peft``: PEFT's unmerged model.
+
+Every ONNX file is checked against PEFT's eager output before it is timed. Times are per
+forward pass, the median over interleaved repeats of a loop of calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_export  # noqa: E402
+import common  # noqa: E402
+import models  # noqa: E402
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = common.THREADS
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def build_files(base: Any, gm: Any, tokens: Any, s: models.Spec, out: Path,
+                unmerged: bool) -> dict[str, Path]:
+    """Export base, merged (and unmerged) files and the fused merged file."""
+    import lora_fx
+    from lora_fx.ort_optimize import optimize_onnx
+
+    files = {"ort base": out / "base.onnx", "ort merged": out / "merged.onnx"}
+    lora_fx.export_onnx(base, (tokens,), files["ort base"], verify=False,
+                        dynamic_shapes=bench_export.dynamic_axes())
+    lora_fx.export_onnx(gm, (tokens,), files["ort merged"], merge=True, verify=False)
+    files["ort merged+fused"] = out / "merged_fused.onnx"
+    optimize_onnx(files["ort merged"], files["ort merged+fused"], "bert", s.heads, s.hidden,
+                  inputs=(tokens,))
+    if unmerged:
+        files["ort unmerged"] = out / "unmerged.onnx"
+        lora_fx.export_onnx(gm, (tokens,), files["ort unmerged"], merge=False, verify=False)
+    return files
+
+
+def forward_cases(base: Any, gm: Any, pm: Any, files: dict[str, Path], tokens: Any
+                  ) -> dict[str, Callable[[], Any]]:
+    import torch
+
+    import lora_fx
+
+    merged = lora_fx.merge(gm).eval()
+    cases: dict[str, Callable[[], Any]] = {}
+    for name, path in files.items():
+        sess = _session(path)
+        feed = {sess.get_inputs()[0].name: tokens.numpy()}
+        cases[name] = (lambda sess=sess, feed=feed: sess.run(None, feed))
+
+    def eager(model: Any) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.no_grad():
+                return model(tokens)
+        return call
+
+    cases["eager merged"] = eager(merged)
+    cases["eager peft"] = eager(pm)
+    cases["eager base"] = eager(base)
+    return cases
+
+
+def check(cases: dict[str, Callable[[], Any]], files: dict[str, Path]) -> dict[str, float]:
+    """max |ORT − eager reference| per file on the timed input: PEFT's unmerged model for the
+    LoRA files, the base model for the base file."""
+    import numpy as np
+
+    ref = {name: models.logits(cases[name]()).numpy() for name in ("eager peft", "eager base")}
+    return {name: float(np.abs(cases[name]()[0] - ref["eager base" if name == "ort base"
+                                                      else "eager peft"]).max())
+            for name in files}
+
+
+def loop(fn: Callable[[], Any], n: int) -> Callable[[], Any]:
+    def run() -> None:
+        for _ in range(n):
+            fn()
+    return run
+
+
+def run(quick: bool, kinds: list[str], reps: int, batches: list[int], seq: int
+        ) -> list[common.Row]:
+    rows: list[common.Row] = []
+    for kind in kinds:
+        s = models.spec(kind, quick)
+        base = models.build(s)
+        tokens0 = models.ids(s, 2, seq)
+        gm = bench_export.injected(base, tokens0, s)
+        pm = bench_export.peft_like(base, gm, s)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = build_files(base, gm, tokens0, s, Path(tmp), unmerged=not quick)
+            for batch in batches:
+                tokens = models.ids(s, batch, seq, seed=batch)
+                cases = forward_cases(base, gm, pm, files, tokens)
+                diffs = check(cases, files)
+                n = 2 if quick else max(1, 8 // batch)
+                t = common.interleaved({k: loop(f, n) for k, f in cases.items()}, reps)
+                t = {k: [x / n for x in v] for k, v in t.items()}
+                rows.extend(_rows(s, batch, seq, t, diffs))
+    return rows
+
+
+def _rows(s: models.Spec, batch: int, seq: int, t: dict[str, list[float]],
+          diffs: dict[str, float]) -> list[common.Row]:
+    shape = f"batch {batch} x seq {seq}"
+    out = []
+    for case, base_name, target in (
+            ("ort merged", "ort base", "<= 1.05"),
+            ("ort merged+fused", "eager merged", "<= 0.5" if batch == 1 else None),
+            ("ort merged", "eager merged", None),
+            ("ort merged+fused", "ort merged", None),
+            ("ort unmerged", "ort merged", None),
+            ("ort merged", "eager peft", None),
+            ("eager merged", "eager peft", None),
+            ("eager merged", "eager base", None)):
+        if case in t and base_name in t:
+            out.append(common.row("latency", s.name, case, base_name, t[case], t[base_name],
+                                  target=target, note=shape, max_abs_diff=diffs))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", action="append", choices=["gpt2", "bert", "llama"])
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--seq", type=int, default=None, help="sequence length (default 64)")
+    ap.add_argument("--batch", type=int, action="append", help="default: 1 and 8")
+    ap.add_argument("--json", help="write rows here")
+    args = ap.parse_args()
+    common.setup_torch()
+    kinds = args.model or (["gpt2"] if args.quick else ["gpt2", "bert"])
+    reps = args.reps or (2 if args.quick else 7)
+    batches = args.batch or ([1] if args.quick else [1, 8])
+    seq = args.seq or (16 if args.quick else 64)
+    common.emit(run(args.quick, kinds, reps, batches, seq), args.json)
+
+
+if __name__ == "__main__":
+    main()

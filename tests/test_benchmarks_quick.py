@@ -1,0 +1,27 @@
+"""CI smoke run of the benchmark suite: it completes and writes valid results. Never a speed
+assertion: benchmarks report figures, they do not fail builds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def test_quick_benchmarks_write_json_and_markdown(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    logs = "\n".join(p.read_text()[-2000:] for p in (tmp_path / "logs").glob("*.log"))
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{logs}"
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["machine"]["cores"] and result["settings"]["quick"] is True
+    suites = {r["suite"] for r in result["rows"]}
+    assert {"train step", "merge+export", "latency", "inject", "adapter size"} <= suites
+    for row in result["rows"]:
+        assert row["ratio"]["median"] > 0 and row["value"]["n"] >= 1, row
+    md = (tmp_path / "results.md").read_text()
+    assert "## Targets" in md and "| target |" in md

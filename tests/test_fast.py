@@ -1,0 +1,161 @@
+"""lora_fx.fast: fused branches equal PEFT; ONNX export reuses the captured program safely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import peft_model_like, randomize_lora, tiny_gpt2, tiny_llama, token_ids
+
+import lora_fx
+from lora_fx.fast import PROGRAM_KEY, captured_program, fuse_branches, lora_addmm
+from lora_fx.passes.state import NODE_KEY
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out["logits"] if isinstance(out, dict) else out[0]
+
+
+def _pair(make: Any, targets: list[str], dropout: float = 0.0) -> tuple[Any, Any, Any]:
+    """(base, plain injected, fused injected) with the same random A and B."""
+    base = make()
+    ids = token_ids()
+    cfg = lora_fx.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout)
+    plain = lora_fx.inject(base, (ids,), cfg)
+    randomize_lora(plain, seed=3)
+    fused = lora_fx.inject(base, (ids,), cfg)
+    randomize_lora(fused, seed=3)
+    fuse_branches(fused)
+    return base, plain.eval(), fused.eval()
+
+
+@pytest.mark.parametrize("make,targets", [(tiny_gpt2, ["c_attn", "c_proj"]),
+                                          (tiny_llama, ["q_proj", "v_proj", "down_proj"])])
+def test_fused_equals_peft_and_plain_forward_and_grads(make: Any, targets: list[str]) -> None:
+    base, plain, fused = _pair(make, targets)
+    ids = token_ids(3, 7, seed=4)
+    want = _logits(peft_model_like(base, plain, r=4, lora_alpha=8, target_modules=targets)(ids))
+    got = _logits(fused(ids))
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+    # same gradients for A and B as the unfused graph (scale applied inside the GEMM)
+    _logits(plain(ids)).square().mean().backward()
+    _logits(fused(ids)).square().mean().backward()
+    for p, q in zip(lora_fx.lora_parameters(plain), lora_fx.lora_parameters(fused), strict=True):
+        assert p.grad is not None and q.grad is not None
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_fused_graph_structure_merge_and_adapter(tmp_path: Path) -> None:
+    base, plain, fused = _pair(tiny_gpt2, ["c_attn"])
+    n_sites = len(lora_fx.branches(fused))
+    calls = [n for n in fused.graph.nodes if n.op == "call_module" and NODE_KEY in n.meta]
+    addmms = [n for n in fused.graph.nodes if n.target is lora_addmm]
+    assert not calls and len(addmms) == n_sites
+    assert all(n.meta[NODE_KEY]["role"] == "add" for n in addmms)
+    ids = token_ids(2, 5, seed=6)
+    merged = lora_fx.merge(fused)
+    assert not any(NODE_KEY in n.meta for n in merged.graph.nodes)
+    torch.testing.assert_close(_logits(merged(ids)), _logits(plain(ids)), atol=1e-5, rtol=1e-5)
+    lora_fx.save_adapter(fused, tmp_path / "a")
+    again = lora_fx.load_adapter(base, (token_ids(),), tmp_path / "a")
+    torch.testing.assert_close(_logits(again.eval()(ids)), _logits(plain(ids)), atol=1e-6,
+                               rtol=1e-6)
+
+
+def test_fused_keeps_dropout_module_and_is_idempotent() -> None:
+    _, plain, fused = _pair(tiny_llama, ["q_proj"], dropout=0.5)
+    drops = [n for n in fused.graph.nodes if n.op == "call_module"
+             and str(n.target).endswith("lora_dropout")]
+    assert len(drops) == len(lora_fx.branches(fused))
+    ids = token_ids()
+    torch.testing.assert_close(_logits(fused(ids)), _logits(plain(ids)), atol=1e-5, rtol=1e-5)
+    fused.train()
+    torch.manual_seed(0)
+    a = _logits(fused(ids))
+    torch.manual_seed(0)
+    b = _logits(plain.train()(ids))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # same mask stream, same math
+    before = len(fused.graph.nodes)
+    fuse_branches(fused)
+    assert len(fused.graph.nodes) == before
+
+
+def test_lora_addmm_is_y_plus_scaled_product() -> None:
+    g = torch.Generator().manual_seed(0)
+    y, xa, b = (torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 4, generator=g),
+                torch.randn(5, 4, generator=g))
+    torch.testing.assert_close(lora_addmm(y, xa, b, 0.5), y + 0.5 * (xa @ b.t()))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Tiny GPT-2: merged export through the captured program, and the base export."""
+    base = tiny_gpt2()
+    ids = token_ids()
+    gm = lora_fx.inject(base, (ids,), lora_fx.LoraConfig(r=4, lora_alpha=8,
+                                                         target_modules=["c_attn"]))
+    randomize_lora(gm, seed=1)
+    out = tmp_path_factory.mktemp("fast")
+    traced = []
+    real = torch.export.export
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        traced.append(1)
+        return real(*args, **kwargs)
+
+    torch.export.export = spy  # type: ignore[assignment]
+    try:
+        merged = lora_fx.export_onnx(gm, (ids,), out / "m.onnx", merge=True)
+    finally:
+        torch.export.export = real  # type: ignore[assignment]
+    base_gm = lora_fx.capture(base, (ids,))
+    base_rep = lora_fx.export_onnx(base_gm, (ids,), out / "b.onnx")
+    return {"base": base, "gm": gm, "merged": merged, "base_rep": base_rep, "traced": traced}
+
+
+def test_merged_export_reuses_capture_and_matches_peft(exported: dict[str, Any]) -> None:
+    from lora_fx import runtime
+
+    assert not exported["traced"], "export_onnx traced the model a second time"
+    assert exported["merged"].max_abs_diff <= 1e-4
+    assert exported["merged"].op_histogram == exported["base_rep"].op_histogram
+    probe = token_ids(3, 11, seed=9)  # another batch and length: the axes stayed dynamic
+    pm = peft_model_like(exported["base"], exported["gm"], r=4, lora_alpha=8,
+                         target_modules=["c_attn"])
+    want = _logits(pm(probe)).detach().numpy()
+    got = runtime.run(runtime.open_session(exported["merged"].path), (probe,))[0]
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_captured_program_refuses_other_graphs(exported: dict[str, Any]) -> None:
+    gm = exported["gm"]
+    assert PROGRAM_KEY in gm.meta
+    assert captured_program(gm, gm) is None              # branches still in the graph
+    assert captured_program(gm, lora_fx.merge(gm)) is not None
+    plain = torch.nn.Linear(3, 3)
+    assert captured_program(plain, plain) is None        # no capture at all
+
+
+def test_captured_program_refuses_untied_merge() -> None:
+    """A LoRA on GPT-2's tied lm_head: the merge unties it, so the graph reads a new weight."""
+    base = tiny_gpt2()
+    ids = token_ids()
+    gm = lora_fx.inject(base, (ids,), lora_fx.LoraConfig(r=4, target_modules=["lm_head"]))
+    randomize_lora(gm)
+    assert captured_program(gm, lora_fx.merge(gm)) is None
+
+
+@pytest.mark.slow
+def test_compiled_equals_peft() -> None:
+    """torch.compile of the fused graph (inductor on CPU needs a C++ compiler: slow)."""
+    from lora_fx.fast import compiled
+
+    base, plain, fused = _pair(tiny_llama, ["q_proj", "v_proj"])
+    fn = compiled(fused)
+    ids = token_ids(2, 8, seed=1)
+    want = _logits(peft_model_like(base, plain, r=4, lora_alpha=8,
+                                   target_modules=["q_proj", "v_proj"])(ids))
+    torch.testing.assert_close(_logits(fn(ids)), want.detach(), atol=1e-5, rtol=1e-5)
