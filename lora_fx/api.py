@@ -265,8 +265,7 @@ def apply_adapter(model: nn.Module, example_inputs: tuple[Any, ...], adapter: Ad
             raise
         first = sorted(adapter.lora)[0] if adapter.lora else "?"
         raise LoraFxError(f"{where}: site {first!r} of the adapter is not in this model: the "
-                          "adapter belongs to another model (`lorafx inspect MODEL` lists its "
-                          "sites)") from err
+                          f"adapter belongs to another model ({err})") from err
     state = require_state(gm)
     have, want = set(state.sites), set(adapter.lora)
     if want - have:
