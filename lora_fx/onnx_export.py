@@ -148,6 +148,7 @@ def to_onnx(module: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: 
 
 def save_program(program: Any, path: Path, external_data: bool | None = None) -> bool:
     """Save atomically: into a temporary dir beside ``path``, then rename data and model."""
+    from .onnx_stream import write_model
     path = Path(path)
     check_writable_dir(path.parent.resolve())
     size = initializer_bytes(program.model)  # not model_proto: that copies every weight
@@ -156,7 +157,10 @@ def save_program(program: Any, path: Path, external_data: bool | None = None) ->
     tmp = fileio._temp_path(path.parent, path.name)  # .NAME.PID.RAND.tmp: swept if we die
     tmp.mkdir()
     try:
-        program.save(str(tmp / path.name), external_data=use_external)
+        if use_external or not isinstance(program, torch.onnx.ONNXProgram):
+            program.save(str(tmp / path.name), external_data=use_external)
+        else:  # weights streamed from memory, no serialized copy of the model (onnx_stream)
+            write_model(program.model, tmp / path.name)
         data = tmp / f"{path.name}.data"
         if data.exists():
             os.replace(data, path.parent / data.name)
@@ -233,7 +237,7 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
     if release:
         release_weights(gm, reference, module, *([model] if model is not None else []))
     if want is not None:
-        verify_file(report, args, want, atol, providers, dtype)
+        verify_file(report, args, want, atol, providers, dtype, lean=release)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -351,15 +355,16 @@ def verify_onnx(report: ExportReport, module: nn.Module, example_inputs: tuple[A
 
 def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.Tensor],
                 atol: float = 1e-4, providers: list[str] | None = None,
-                dtype: str | None = None) -> None:
+                dtype: str | None = None, lean: bool = False) -> None:
     """Run ``report.path`` in ONNX Runtime on ``inputs`` and compare with PyTorch's outputs
     ``want``; raise above ``atol``. No model needs to be alive: for big models, compute
-    ``want``, release the model, then verify (one copy of the weights at a time).
+    ``want``, release the model, then verify (one copy of the weights at a time); ``lean``:
+    a session that holds the weights once (``runtime.open_session``).
     """
     from . import runtime
 
     try:
-        sess = runtime.open_session(report.path, providers)
+        sess = runtime.open_session(report.path, providers, lean=lean)
     except LoraFxError as err:
         if dtype != "bf16" or "NOT_IMPLEMENTED" not in str(err):
             raise

@@ -48,6 +48,12 @@ if os.environ.get("LORAFX_TEST_STALL") == "onnx":
         _save(self, destination, *args, **kwargs)
         _stall(destination)
     torch.onnx.ONNXProgram.save = save
+    import lora_fx.onnx_stream  # the streamed writer (files under the external-data size)
+    _write = lora_fx.onnx_stream.write_model
+    def write_model(model, path):
+        _write(model, path)
+        _stall(path)
+    lora_fx.onnx_stream.write_model = write_model
 elif os.environ.get("LORAFX_TEST_STALL") == "safetensors":
     import safetensors.torch
     _save_file = safetensors.torch.save_file
