@@ -43,10 +43,15 @@ def default_providers() -> list[str]:
 
 def open_session(path: str | Path,
                  providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
-                 threads: int | None = None) -> Any:
+                 threads: int | None = None, lean: bool = False) -> Any:
     """An ``onnxruntime.InferenceSession`` on ``providers`` (default: CUDA if present, else CPU;
     a provider may be a ``(name, options)`` pair, as ONNX Runtime accepts).
 
+    ``lean``: for one run of a big model (verification), hold its weights about once: no
+    weight prepacking (a packed copy of every MatMul weight) and no memory arena; external data
+    is then memory-mapped from the file. (Graph optimizations stay on: without constant
+    folding a weight transposed in the graph, e.g. a tied LM head, is transposed at run time,
+    a larger transient than the folded copy.)
     Warns when a requested accelerator provider is not among the providers the session uses.
     """
     import onnxruntime as ort
@@ -55,6 +60,9 @@ def open_session(path: str | Path,
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if lean:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        opts.enable_cpu_mem_arena = False
     opts.log_severity_level = 3
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=requested)
