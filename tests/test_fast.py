@@ -159,3 +159,68 @@ def test_compiled_equals_peft() -> None:
     want = _logits(peft_model_like(base, plain, r=4, lora_alpha=8,
                                    target_modules=["q_proj", "v_proj"])(ids))
     torch.testing.assert_close(_logits(fn(ids)), want.detach(), atol=1e-5, rtol=1e-5)
+
+
+# --- training_graph: fused branches and fused tanh GELU on a copy --------------------------
+
+
+def _gelu_reference(x: torch.Tensor) -> torch.Tensor:
+    """tanh GELU written out by hand (the formula HF's NewGELUActivation uses)."""
+    return 0.5 * x * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
+
+
+def _count(gm: Any, name: str) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and name in str(n.target))
+
+
+def test_training_graph_equals_peft_and_leaves_gm_alone(tmp_path: Path) -> None:
+    from lora_fx.fast import training_graph
+
+    base = tiny_gpt2()
+    targets = ["c_attn", "c_fc"]
+    gm = lora_fx.inject(base, (token_ids(),), lora_fx.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets))
+    randomize_lora(gm, seed=5)
+    layers = base.config.n_layer
+    assert _count(gm, "aten.tanh") == layers
+    train = training_graph(gm).eval()
+    assert _count(train, "aten.gelu") == layers and _count(train, "aten.tanh") == 0
+    assert _count(train, "lora_addmm") == len(lora_fx.branches(gm))
+    assert _count(gm, "aten.tanh") == layers and _count(gm, "lora_addmm") == 0  # untouched
+    ids = token_ids(3, 7, seed=8)
+    pm = peft_model_like(base, gm, r=4, lora_alpha=8, target_modules=targets)
+    torch.testing.assert_close(_logits(train(ids)), _logits(pm(ids)).detach(),
+                               atol=1e-5, rtol=1e-5)
+    # the copy trains gm's own parameters: same gradients as PEFT's A and B
+    _logits(train(ids)).square().mean().backward()
+    _logits(pm(ids)).square().mean().backward()
+    peft_grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    for site, branch in lora_fx.branches(gm).items():
+        for ours, key in ((branch.lora_A.weight, "lora_A"), (branch.lora_B.weight, "lora_B")):
+            want = next(g for n, g in peft_grads.items() if f"{site}.{key}." in n)
+            assert ours.grad is not None
+            torch.testing.assert_close(ours.grad, want, atol=1e-5, rtol=1e-4)
+    assert {id(p) for p in lora_fx.lora_parameters(train)} == \
+        {id(p) for p in lora_fx.lora_parameters(gm)}
+
+
+def test_fuse_gelu_pass_matches_only_the_formula() -> None:
+    from lora_fx.passes.fuse_gelu import fuse_gelu_pass
+
+    class Acts(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> Any:
+            a = _gelu_reference(x)                                        # fused
+            b = 0.5 * x * (1.0 + torch.tanh(0.79788456 * (x + 0.04 * x ** 3)))  # other const
+            inner = torch.tanh((2.0 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3))
+            c = 0.5 * x * (1.0 + inner)                                   # tanh reused below
+            return a, b, c, inner
+
+    x = torch.randn(4, 6)
+    gm = torch.export.export(Acts(), (x,)).module()
+    want = gm(x)
+    fused = fuse_gelu_pass(gm)
+    gm.recompile()
+    assert fused.counts["fused_gelu"] == 1 and _count(gm, "aten.gelu") == 1
+    for got, ref in zip(gm(x), want, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gm(x)[0], torch.nn.functional.gelu(x, approximate="tanh"))
