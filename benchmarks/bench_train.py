@@ -6,6 +6,11 @@ A step is ``zero_grad; loss = CE(model(ids)); loss.backward(); AdamW.step()``. V
 - ``peft``: ``peft.get_peft_model`` with PEFT's default targets for the architecture;
 - ``lorafx``: ``lora_fx.inject`` on the same model, same A and B (checked: same loss);
 - ``lorafx-fused``: ``lora_fx.fast.fuse_branches`` on top (scale inside one addmm per site);
+- ``lorafx-fast``: ``lora_fx.fast.training_graph`` (branches fused and the written-out tanh
+  GELU as one kernel), the graph lorafx trains with;
+- ``frozen``: the floor of any LoRA implementation: the base model with nothing trainable,
+  its forward and a backward through every block (the first block's input made to require
+  grad), no optimizer: the GEMMs every LoRA step runs whatever the LoRA code does;
 - ``*-compiled`` (``--compile``): ``torch.compile`` of the lorafx graph and of the PEFT model.
 
 Time: interleaved repeats in one process. Memory (``--memory``): one fresh process per variant,
@@ -37,7 +42,14 @@ def make_variant(name: str, base: Any, tokens: Any, s: models.Spec) -> tuple[Any
     import lora_fx
 
     kind = name.removesuffix("-compiled")
-    if kind == "full":
+    if kind == "frozen":
+        model = copy.deepcopy(base).train()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
+        blocks[0].register_forward_pre_hook(_require_grad, with_kwargs=True)
+        params = []
+    elif kind == "full":
         model = copy.deepcopy(base).train()
         for p in model.parameters():
             p.requires_grad_(True)
@@ -52,14 +64,23 @@ def make_variant(name: str, base: Any, tokens: Any, s: models.Spec) -> tuple[Any
         cfg = lora_fx.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(s.targets),
                                  lora_dropout=0.0)
         model = lora_fx.inject(copy.deepcopy(base), (tokens,), cfg).train()
+        params = lora_fx.lora_parameters(model)
         if kind == "lorafx-fused":
             from lora_fx.fast import fuse_branches
 
             fuse_branches(model)
-        params = lora_fx.lora_parameters(model)
+        elif kind == "lorafx-fast":
+            from lora_fx.fast import training_graph
+
+            model = training_graph(model)
     if name.endswith("-compiled"):
         model = torch.compile(model)
     return model, params
+
+
+def _require_grad(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Forward pre-hook: the block's hidden-state input requires grad (a copy of it)."""
+    return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
 
 
 def _randomize(variants: dict[str, tuple[Any, list[Any]]]) -> None:
@@ -93,13 +114,15 @@ def _randomize(variants: dict[str, tuple[Any, list[Any]]]) -> None:
 def step_fn(model: Any, params: list[Any], tokens: Any) -> Callable[[], float]:
     import torch
 
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def step() -> float:
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         loss = models.causal_lm_loss(model(tokens), tokens)
         loss.backward()
-        opt.step()
+        if opt is not None:
+            opt.step()
         return float(loss.detach())
 
     return step
@@ -148,28 +171,31 @@ def run(quick: bool, kinds: list[str], reps: int, compile_: bool, memory: bool,
     rows: list[common.Row] = []
     batch = batch or (2 if quick else 4)
     seq = seq or (16 if quick else 128)
-    names = ["lorafx", "lorafx-fused", "peft", "full"]
+    names = ["lorafx", "lorafx-fused", "lorafx-fast", "peft", "full", "frozen"]
     if compile_:
-        names += ["lorafx-fused-compiled", "peft-compiled"]
+        names += ["lorafx-fast-compiled", "peft-compiled"]
     for kind in kinds:
         s = models.spec(kind, quick)
         res = time_variants(s, names, batch, seq, reps)
         t, losses = res["times"], res["losses"]
-        agree = max(abs(losses[n] - losses["peft"]) for n in names if n != "full")
+        agree = max(abs(losses[n] - losses["peft"]) for n in names
+                    if n not in ("full", "frozen"))
         shape = f"batch {batch} x seq {seq}, r={R}, targets {','.join(s.targets)}"
         for case, base_name, target in (
-                ("lorafx", "peft", None), ("lorafx-fused", "peft", "<= 0.95"),
-                ("lorafx-fused", "full", "<= 0.8"), ("lorafx", "full", None),
-                ("peft", "full", None), ("lorafx-fused-compiled", "peft-compiled", "<= 0.95"),
-                ("lorafx-fused-compiled", "lorafx-fused", None)):
+                ("lorafx-fast", "peft", "<= 0.95"), ("lorafx", "peft", None),
+                ("lorafx-fused", "peft", None), ("lorafx-fast", "full", "<= 0.8"),
+                ("lorafx", "full", None), ("peft", "full", None), ("frozen", "peft", None),
+                ("lorafx-fast", "frozen", None),
+                ("lorafx-fast-compiled", "peft-compiled", "<= 0.95"),
+                ("lorafx-fast-compiled", "lorafx-fast", None)):
             if case in t and base_name in t:
                 rows.append(common.row("train step", s.name, case, base_name, t[case],
                                        t[base_name], target=target, note=shape,
                                        loss_diff_vs_peft=agree))
         if memory:
-            mem = {n: memory_of(kind, n, quick, batch, seq) for n in ("lorafx-fused", "peft",
+            mem = {n: memory_of(kind, n, quick, batch, seq) for n in ("lorafx-fast", "peft",
                                                                       "full")}
-            for case, base_name in (("lorafx-fused", "peft"), ("lorafx-fused", "full")):
+            for case, base_name in (("lorafx-fast", "peft"), ("lorafx-fast", "full")):
                 a, b = mem[case], mem[base_name]
                 if a is not None and b is not None:
                     rows.append(common.row("train step memory", s.name, case, base_name, [a],

@@ -51,14 +51,15 @@ def _met(row: dict[str, Any]) -> str:
 
 
 def targets_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| target | model | case / baseline | ratio (median [spread]) | met |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| target | model | setting | case / baseline | ratio (median [spread]) | met |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if not r.get("target"):
             continue
         ratio, noisy = fmt_ratio(r["ratio"])
-        lines.append(f"| {r['suite']}: ratio {r['target']} | {r['model']} | {r['case']} / "
-                     f"{r['baseline']} | {ratio}{' noisy' if noisy else ''} | {_met(r)} |")
+        lines.append(f"| {r['suite']}: ratio {r['target']} | {r['model']} | {r.get('note', '')} "
+                     f"| {r['case']} / {r['baseline']} | {ratio}{' noisy' if noisy else ''} | "
+                     f"{_met(r)} |")
     return lines
 
 

@@ -302,7 +302,7 @@ def export(model: str, adapter_dir: str | None, merge: bool, output: str, opset:
     gm.eval()
     report = export_onnx(gm, loaded.example_inputs, output, merge=merge, opset=opset,
                          verify=verify, dynamic_shapes=loaded.dynamic_shapes, dtype=dtype,
-                         model=loaded.module)
+                         model=loaded.module, release=True)  # this process is done with it
     data: dict[str, Any] = {"output": str(report.path), "merged": bool(adapter_dir) and merge,
             "seconds": round(report.seconds, 3), "external_data": report.external_data,
             "nodes": sum(report.op_histogram.values()), "op_histogram": report.op_histogram,
