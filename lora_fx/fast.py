@@ -208,14 +208,13 @@ def captured_program(gm: nn.Module, module: nn.Module) -> Any | None:
 
 def export_program(program: Any, opset: int | None = None) -> Any:
     """``torch.onnx.export`` of an ExportedProgram (dynamo, optimized), actionable errors."""
-    import warnings
+    from .onnx_export import quiet_exporter
 
     kwargs: dict[str, Any] = {"dynamo": True, "verbose": False, "optimize": True}
     if opset is not None:
         kwargs["opset_version"] = opset
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_exporter():
             return torch.onnx.export(program, (), **kwargs)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]

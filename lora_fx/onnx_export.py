@@ -8,12 +8,15 @@ fp16/bf16: merge in fp32, cast once, report the error against fp32.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +122,22 @@ def flat_outputs(out: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
+@contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's warnings and onnxscript's constant-folding log lines
+    ("Evaluation failed: ...": a constant it could not fold is left as computed at run time,
+    which is not an error) while exporting."""
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding.level
+    folding.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        folding.setLevel(level)
+
+
 def to_onnx(module: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: Any = None,
             opset: int | None = None, translations: dict[Any, Any] | None = None) -> Any:
     """torch.onnx.export(dynamo=True) → ONNXProgram, with actionable errors.
@@ -135,8 +154,7 @@ def to_onnx(module: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: 
     was_training = module.training
     module.eval()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_exporter():
             return torch.onnx.export(module, tuple(example_inputs), **kwargs)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -553,3 +553,17 @@ def test_merge_refuses_non_finite_weights(value: float) -> None:
         lora_fx.merge(gm)
     torch.testing.assert_close(gm(*tiny.example_inputs), out, atol=0, rtol=0, equal_nan=True)
     assert all(torch.equal(v, before[k]) for k, v in tiny.module.state_dict().items())
+
+
+def test_exporter_constant_folding_log_is_quiet_during_export() -> None:
+    """onnxscript logs "Evaluation failed: ..." (a constant left unfolded, not an error) as a
+    warning; lorafx's exports silence it, and only while exporting."""
+    import logging
+
+    from lora_fx.onnx_export import quiet_exporter
+
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    before = folding.level
+    with quiet_exporter():
+        assert not folding.isEnabledFor(logging.WARNING)
+    assert folding.level == before
