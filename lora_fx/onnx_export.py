@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import time
+import uuid
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -165,7 +167,13 @@ def to_onnx(module: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: 
 
 
 def save_program(program: Any, path: Path, external_data: bool | None = None) -> bool:
-    """Save atomically: into a temporary dir beside ``path``, then rename data and model."""
+    """Save atomically: into a temporary dir beside ``path``, then rename data and model.
+
+    External data goes to a file named for this export (``model.onnx.<8 hex>.data``), so the
+    rename of the data never touches the data of the model being replaced: a kill at any point
+    leaves the previous model with its data, or the new one with its own. The replaced
+    model's lorafx-named data file is deleted once the new model is in place.
+    """
     from .onnx_stream import write_model
     path = Path(path)
     check_writable_dir(path.parent.resolve())
@@ -175,14 +183,22 @@ def save_program(program: Any, path: Path, external_data: bool | None = None) ->
     tmp = fileio._temp_path(path.parent, path.name)  # .NAME.PID.RAND.tmp: swept if we die
     tmp.mkdir()
     try:
-        if use_external or not isinstance(program, torch.onnx.ONNXProgram):
+        replaced = _own_data_files(path)
+        if use_external and isinstance(program, torch.onnx.ONNXProgram):
+            import onnx_ir as ir
+
+            ir.save(program.model, tmp / path.name,
+                    external_data=f"{path.name}.{uuid.uuid4().hex[:8]}.data")
+        elif use_external or not isinstance(program, torch.onnx.ONNXProgram):
             program.save(str(tmp / path.name), external_data=use_external)
         else:  # weights streamed from memory, no serialized copy of the model (onnx_stream)
             write_model(program.model, tmp / path.name)
-        data = tmp / f"{path.name}.data"
-        if data.exists():
-            os.replace(data, path.parent / data.name)
+        written = {f.name for f in tmp.iterdir()} - {path.name}
+        for name in written:
+            os.replace(tmp / name, path.parent / name)
         os.replace(tmp / path.name, path)
+        for name in replaced - written:
+            (path.parent / name).unlink(missing_ok=True)
     except Exception as err:
         mapped = fileio.io_error(path, err)
         if mapped is None:
@@ -191,6 +207,23 @@ def save_program(program: Any, path: Path, external_data: bool | None = None) ->
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return use_external
+
+
+def _own_data_files(path: Path) -> set[str]:
+    """External-data files that ``path`` (a model about to be replaced) references under a name
+    lorafx gives (``NAME.data``, ``NAME.<8 hex>.data``). Big single files are not parsed: a
+    model that keeps its weights outside is small."""
+    if not path.is_file() or path.stat().st_size > 64 * 2**20:
+        return set()
+    try:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not an ONNX model: nothing of ours to clean up
+        return set()
+    ours = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{8})?\.data")
+    return {e.value for t in proto.graph.initializer for e in t.external_data
+            if e.key == "location" and ours.fullmatch(e.value)}
 
 
 def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path,

@@ -13,8 +13,10 @@ on a small model; the 2 GB run itself is ``benchmarks/bench_big_export.py``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -234,7 +236,9 @@ def test_external_data_export_verified_after_release(tmp_path: Any, monkeypatch:
     merged = lora_fx.merge(gm, inplace=True)
     path = tmp_path / "model.onnx"
     report = export_onnx(merged, (ids,), path, verify=False)
-    assert report.external_data and (tmp_path / "model.onnx.data").stat().st_size > 0
+    data = [f for f in tmp_path.iterdir() if f.name.endswith(".data")]
+    assert report.external_data and len(data) == 1 and data[0].stat().st_size > 0
+    assert data[0].name.startswith("model.onnx.")  # model.onnx.<8 hex>.data
     want = forward(merged, (ids,))
     alive = weakref.ref(base.blocks[0].attn.q_proj.weight)
     del base, gm, merged
@@ -278,3 +282,47 @@ def test_plan_command_reports_adapter_size() -> None:
     assert data["adapter_bytes_fp16"] == 37_748_736  # paper: ~35 MB
     assert data["capture"] == "symbolic_trace" and len(data["sites"]) == 192
     assert data["peak_rss_bytes"] > 0 and data["load_s"] >= 0 and data["plan_s"] >= 0
+
+
+def test_external_data_replace_keeps_a_consistent_pair(tmp_path: Any, monkeypatch: Any) -> None:
+    """Exporting over a model with external data: each export writes its own data file, so the
+    previous model keeps its data until the new model is in place; then the old data file goes.
+    Killed between the two renames (simulated), the previous model still loads and runs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from lora_fx import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    base, gm, ids = _injected_small(seed=7)
+    path = tmp_path / "model.onnx"
+    onnx_export.export_onnx(base, (ids,), path, verify=False)
+    first = {f.name for f in tmp_path.iterdir()}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: ids.numpy()}
+    before = sess.run(None, feed)[0]
+    del sess
+
+    real_replace = os.replace
+    calls: list[str] = []
+
+    def dies_before_model(src: Any, dst: Any) -> None:
+        calls.append(Path(dst).name)
+        if Path(dst).name == "model.onnx":
+            raise KeyboardInterrupt  # the process is killed between the two renames
+        real_replace(src, dst)
+
+    monkeypatch.setattr(onnx_export.os, "replace", dies_before_model)
+    merged = lora_fx.merge(gm)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_onnx(merged, (ids,), path, verify=False)
+    monkeypatch.setattr(onnx_export.os, "replace", real_replace)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, feed)[0], before)  # old model, old data
+    del sess
+
+    report = onnx_export.export_onnx(merged, (ids,), path)  # a clean export replaces it
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+    old_data = {n for n in first if n.endswith(".data")}
+    left = {f.name for f in tmp_path.iterdir() if f.name.endswith(".data")}
+    assert not old_data & left  # the replaced model's data file was deleted
