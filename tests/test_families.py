@@ -25,6 +25,7 @@ from torch import nn
 
 import lora_fx
 from lora_fx import runtime
+from lora_fx.fast import training_graph
 from lora_fx.load import LoadedModel, load_model
 from lora_fx.onnx_export import export_onnx, flat_outputs, op_histogram, to_onnx
 from lora_fx.passes.state import NODE_KEY, require_state
@@ -132,6 +133,7 @@ class Run:
     base_ops: dict[str, int]
     merged_ops: dict[str, int]
     seconds: dict[str, float]
+    fast: list[torch.Tensor]
 
 
 def _second_inputs(loaded: LoadedModel) -> tuple[Any, ...]:
@@ -155,12 +157,13 @@ def _call(model: nn.Module, loaded: LoadedModel, args: tuple[Any, ...]) -> list[
 
 
 def _train_two_steps(gm: nn.Module, loaded: LoadedModel) -> dict[str, bool]:
-    """Two AdamW steps on the task loss (else mean square of the outputs): what changed."""
+    """Two AdamW steps on the task loss (else mean square of the outputs), through
+    ``fast.training_graph`` as ``lorafx train`` does: what changed in ``gm``."""
     before = {n: p.detach().clone() for n, p in gm.named_parameters()}
     opt = torch.optim.AdamW(lora_fx.lora_parameters(gm), lr=1e-2)
-    gm.train()
+    step = training_graph(gm).train()
     for _ in range(2):
-        out = gm(*loaded.example_inputs)
+        out = step(*loaded.example_inputs)
         if loaded.loss_fn is hf.causal_lm_loss:
             loss = hf.causal_lm_loss(out, loaded.example_inputs[0])
         elif loaded.loss_fn is hf.token_loss:
@@ -218,6 +221,7 @@ def _pipeline(family: Family, tmp: Path) -> Run:
     merged_graph = lora_fx.merge(gm)
     with torch.no_grad():
         injected, merged = flat_outputs(gm(*ex)), flat_outputs(merged_graph(*ex))
+        fast = flat_outputs(training_graph(gm).eval()(*ex))
     path = tmp / "merged.onnx"
     report = export_onnx(gm, ex, path, merge=True, verify=False, dynamic_shapes=dyn)
     clock["merged export"] = time.perf_counter()
@@ -226,7 +230,7 @@ def _pipeline(family: Family, tmp: Path) -> Run:
     run = Run(loaded, gm, sorted(lora_fx.branches(gm)), changed, _call(reference, loaded, ex),
               injected, merged, merged_graph, runtime.run(sess, ex),
               _call(reference, loaded, second), runtime.run(sess, second), base_ops,
-              report.op_histogram, {})
+              report.op_histogram, {}, fast)
     keys = list(clock)
     run.seconds = {k: round(clock[k] - clock[p], 2) for p, k in zip(keys, keys[1:],
                                                                      strict=False)}
@@ -256,6 +260,12 @@ def test_injected_and_merged_equal_reference(run: Run) -> None:
     _close(run.injected, run.reference, 1e-5)
     _close(run.merged, run.reference, 1e-5)
     assert not any(NODE_KEY in n.meta for n in run.merged_graph.graph.nodes)
+
+
+def test_training_graph_equals_reference(run: Run) -> None:
+    """The graph lorafx trains with (branches fused, tanh GELU as one kernel) computes the same
+    function as the reference, and training it moved gm's own A and B (test above)."""
+    _close(run.fast, run.reference, 1e-5)
 
 
 def test_merged_onnx_equals_reference(run: Run) -> None:
