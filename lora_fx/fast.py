@@ -114,13 +114,12 @@ def training_graph(gm: nn.Module) -> fx.GraphModule:
     file is exactly the base model's graph. Outputs and gradients equal ``gm``'s to fp32
     rounding (the fused GELU differs from the written-out one by ~1e-7 relative).
     """
+    from .api import _copy_graph
     from .passes.fuse_gelu import fuse_gelu_pass
 
     if not isinstance(gm, fx.GraphModule):
         raise LoraFxError("training_graph expects the GraphModule returned by lora_fx.inject")
     require_state(gm)
-    from .api import _copy_graph
-
     train = fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)
     train.meta = dict(gm.meta)
     train.train(gm.training)
