@@ -4,7 +4,8 @@
 model's modules); when it cannot trace (data-dependent control flow: every Hugging Face model),
 ``torch.export.export(..., strict=False)`` in eval mode, rebuilt as a plain GraphModule so that
 ``.train()``/``.eval()`` work. Export bakes dropout in by mode; ``aten.dropout`` nodes are turned
-back into ``nn.Dropout`` submodules so dropout follows ``train()``/``eval()`` again.
+back into ``nn.Dropout`` submodules so dropout follows ``train()``/``eval()`` again, and the
+attention dropout that SDPA calls lost in eval mode is fed back (``passes.attention_dropout``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 from torch import fx, nn
 
 from .errors import LoraFxError
+from .passes.attention_dropout import attention_dropout_pass
+from .passes.runner import run_pass
 
 CAPTURE_KEY = "lorafx_capture"  # gm.meta[CAPTURE_KEY]: "symbolic_trace" or "export"
 
@@ -118,6 +121,7 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: A
     gm.meta[CAPTURE_KEY] = "export"
     gm.meta["lorafx_program"] = ep  # lora_fx.fast.PROGRAM_KEY: ONNX export reuses it
     _dropout_to_modules(gm)
+    run_pass("attention_dropout", attention_dropout_pass, gm, model)
     gm.train(was_training)
     return gm
 
