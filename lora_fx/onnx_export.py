@@ -169,10 +169,11 @@ def to_onnx(module: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: 
 def save_program(program: Any, path: Path, external_data: bool | None = None) -> bool:
     """Save atomically: into a temporary dir beside ``path``, then rename data and model.
 
-    External data goes to a file named for this export (``model.onnx.<8 hex>.data``), so the
-    rename of the data never touches the data of the model being replaced: a kill at any point
-    leaves the previous model with its data, or the new one with its own. The replaced
-    model's lorafx-named data file is deleted once the new model is in place.
+    External data goes to a file named for this export (``model.onnx.<pid>.<8 hex>.data``), so
+    the rename of the data never touches the data of the model being replaced: a kill at any
+    point leaves the previous model with its data, or the new one with its own. The replaced
+    model's data file is deleted once the new model is in place, and data files of killed
+    exports (their process gone, no model referencing them) at the start of the next one.
     """
     from .onnx_stream import write_model
     path = Path(path)
@@ -184,11 +185,12 @@ def save_program(program: Any, path: Path, external_data: bool | None = None) ->
     tmp.mkdir()
     try:
         replaced = _own_data_files(path)
+        _sweep_orphan_data(path, replaced)
         if use_external and isinstance(program, torch.onnx.ONNXProgram):
             import onnx_ir as ir
 
             ir.save(program.model, tmp / path.name,
-                    external_data=f"{path.name}.{uuid.uuid4().hex[:8]}.data")
+                    external_data=f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.data")
         elif use_external or not isinstance(program, torch.onnx.ONNXProgram):
             program.save(str(tmp / path.name), external_data=use_external)
         else:  # weights streamed from memory, no serialized copy of the model (onnx_stream)
@@ -211,8 +213,8 @@ def save_program(program: Any, path: Path, external_data: bool | None = None) ->
 
 def _own_data_files(path: Path) -> set[str]:
     """External-data files that ``path`` (a model about to be replaced) references under a name
-    lorafx gives (``NAME.data``, ``NAME.<8 hex>.data``). Big single files are not parsed: a
-    model that keeps its weights outside is small."""
+    lorafx gives (``NAME.data``, ``NAME.<pid>.<8 hex>.data``). Big single files are not parsed:
+    a model that keeps its weights outside is small."""
     if not path.is_file() or path.stat().st_size > 64 * 2**20:
         return set()
     try:
@@ -221,9 +223,21 @@ def _own_data_files(path: Path) -> set[str]:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - not an ONNX model: nothing of ours to clean up
         return set()
-    ours = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{8})?\.data")
+    ours = re.compile(re.escape(path.name) + r"(\.\d+\.[0-9a-f]{8})?\.data")
     return {e.value for t in proto.graph.initializer for e in t.external_data
             if e.key == "location" and ours.fullmatch(e.value)}
+
+
+def _sweep_orphan_data(path: Path, referenced: set[str]) -> None:
+    """Delete ``NAME.<pid>.<hex>.data`` files beside ``path`` that no model references and
+    whose export process no longer runs (an export killed between its two renames)."""
+    if os.name == "nt":  # os.kill(pid, 0) is not a probe on Windows
+        return
+    pattern = re.compile(re.escape(path.name) + r"\.(\d+)\.[0-9a-f]{8}\.data")
+    for entry in path.parent.iterdir():
+        found = pattern.fullmatch(entry.name)
+        if found and entry.name not in referenced and not fileio._alive(int(found.group(1))):
+            entry.unlink(missing_ok=True)
 
 
 def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path,

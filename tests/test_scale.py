@@ -321,8 +321,16 @@ def test_external_data_replace_keeps_a_consistent_pair(tmp_path: Any, monkeypatc
     np.testing.assert_array_equal(sess.run(None, feed)[0], before)  # old model, old data
     del sess
 
+    orphan = next(n for n in calls if n.endswith(".data"))  # the killed export's data
+    assert (tmp_path / orphan).exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    killed = tmp_path / f"model.onnx.{dead}.0123abcd.data"  # an export killed in another process
+    killed.write_bytes(b"partial")
     report = onnx_export.export_onnx(merged, (ids,), path)  # a clean export replaces it
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
     old_data = {n for n in first if n.endswith(".data")}
     left = {f.name for f in tmp_path.iterdir() if f.name.endswith(".data")}
     assert not old_data & left  # the replaced model's data file was deleted
+    assert not killed.exists()  # a dead process's unreferenced data file was swept
+    assert orphan in left  # this (live) process's own: not a dead export's, kept
