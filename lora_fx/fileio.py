@@ -26,7 +26,7 @@ import secrets
 import shutil
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 
 from .errors import LoraFxError
@@ -89,13 +89,18 @@ def _alive(pid: int) -> bool:
 
 def sweep_stale(parent: Path, name: str) -> int:
     """Remove temporaries of ``name`` in ``parent`` left by processes that no longer run."""
+    return sweep_dead(parent, re.compile(rf"\.{re.escape(name)}\.(\d+)\.[0-9a-f]+\.tmp"))
+
+
+def sweep_dead(parent: Path, pattern: re.Pattern[str], keep: Container[str] = ()) -> int:
+    """Remove the entries of ``parent`` whose name ``pattern`` matches, with the writer's PID
+    as its first group, when that process no longer runs and the name is not in ``keep``."""
     if os.name == "nt":  # os.kill(pid, 0) is not a probe on Windows
         return 0
-    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[0-9a-f]+\.tmp")
     removed = 0
     for entry in parent.iterdir() if parent.is_dir() else []:
         found = pattern.fullmatch(entry.name)
-        if not found or _alive(int(found.group(1))):
+        if not found or entry.name in keep or _alive(int(found.group(1))):
             continue
         with contextlib.suppress(OSError):
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()

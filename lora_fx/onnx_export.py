@@ -185,14 +185,12 @@ def save_program(program: Any, path: Path, external_data: bool | None = None) ->
     tmp.mkdir()
     try:
         replaced = _own_data_files(path)
-        _sweep_orphan_data(path, replaced)
-        if use_external and isinstance(program, torch.onnx.ONNXProgram):
+        fileio.sweep_dead(path.parent, _data_pattern(path.name), keep=replaced)
+        if use_external:
             import onnx_ir as ir
 
             ir.save(program.model, tmp / path.name,
                     external_data=f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.data")
-        elif use_external or not isinstance(program, torch.onnx.ONNXProgram):
-            program.save(str(tmp / path.name), external_data=use_external)
         else:  # weights streamed from memory, no serialized copy of the model (onnx_stream)
             write_model(program.model, tmp / path.name)
         written = {f.name for f in tmp.iterdir()} - {path.name}
@@ -211,10 +209,15 @@ def save_program(program: Any, path: Path, external_data: bool | None = None) ->
     return use_external
 
 
+def _data_pattern(name: str) -> re.Pattern[str]:
+    """The data file names ``save_program`` gives model ``name``: ``NAME.<pid>.<8 hex>.data``."""
+    return re.compile(re.escape(name) + r"\.(\d+)\.[0-9a-f]{8}\.data")
+
+
 def _own_data_files(path: Path) -> set[str]:
     """External-data files that ``path`` (a model about to be replaced) references under a name
-    lorafx gives (``NAME.data``, ``NAME.<pid>.<8 hex>.data``). Big single files are not parsed:
-    a model that keeps its weights outside is small."""
+    lorafx gives (``_data_pattern``, or the exporter's default ``NAME.data``). Big single files
+    are not parsed: a model that keeps its weights outside is small."""
     if not path.is_file() or path.stat().st_size > 64 * 2**20:
         return set()
     try:
@@ -223,21 +226,9 @@ def _own_data_files(path: Path) -> set[str]:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - not an ONNX model: nothing of ours to clean up
         return set()
-    ours = re.compile(re.escape(path.name) + r"(\.\d+\.[0-9a-f]{8})?\.data")
+    ours = _data_pattern(path.name)
     return {e.value for t in proto.graph.initializer for e in t.external_data
-            if e.key == "location" and ours.fullmatch(e.value)}
-
-
-def _sweep_orphan_data(path: Path, referenced: set[str]) -> None:
-    """Delete ``NAME.<pid>.<hex>.data`` files beside ``path`` that no model references and
-    whose export process no longer runs (an export killed between its two renames)."""
-    if os.name == "nt":  # os.kill(pid, 0) is not a probe on Windows
-        return
-    pattern = re.compile(re.escape(path.name) + r"\.(\d+)\.[0-9a-f]{8}\.data")
-    for entry in path.parent.iterdir():
-        found = pattern.fullmatch(entry.name)
-        if found and entry.name not in referenced and not fileio._alive(int(found.group(1))):
-            entry.unlink(missing_ok=True)
+            if e.key == "location" and (ours.fullmatch(e.value) or e.value == f"{path.name}.data")}
 
 
 def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path,

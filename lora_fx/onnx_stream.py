@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir import serde
 
 _GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9
 
@@ -39,9 +42,6 @@ def _key(field: int, length: int) -> bytes:
 
 def _raw(value: Any) -> tuple[bytes, memoryview] | None:
     """(TensorProto header, data bytes) of an initializer, or None to serialize it normally."""
-    import onnx
-    import onnx_ir as ir
-
     tensor = value.const_value
     if tensor is None or tensor.dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED) or \
             tensor.dtype.bitwidth < 8 or getattr(tensor, "doc_string", None) or \
@@ -58,9 +58,6 @@ def _raw(value: Any) -> tuple[bytes, memoryview] | None:
 
 def write_model(model: Any, path: str | Path) -> None:
     """Save an ``onnx_ir.Model`` at ``path`` as one protobuf file, weights streamed."""
-    import onnx_ir as ir
-    from onnx_ir import serde
-
     streamed = [(v, raw) for v in model.graph.initializers.values()
                 if (raw := _raw(v)) is not None]
     kept = {v.name: v.const_value for v, _ in streamed}

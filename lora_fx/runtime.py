@@ -48,10 +48,9 @@ def open_session(path: str | Path,
     a provider may be a ``(name, options)`` pair, as ONNX Runtime accepts).
 
     ``lean``: for one run of a big model (verification), hold its weights about once: no
-    weight prepacking (a packed copy of every MatMul weight) and no memory arena; external data
-    is then memory-mapped from the file. (Graph optimizations stay on: without constant
-    folding a weight transposed in the graph, e.g. a tied LM head, is transposed at run time,
-    a larger transient than the folded copy.)
+    weight prepacking (a packed copy of every MatMul weight) and no memory arena. (Graph
+    optimizations stay on: without constant folding a weight transposed in the graph, e.g. a
+    tied LM head, is transposed at run time, a larger transient than the folded copy.)
     Warns when a requested accelerator provider is not among the providers the session uses.
     """
     import onnxruntime as ort

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +97,27 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True,
 @pytest.fixture
 def tiny_model_file() -> Path:
     return ROOT / "examples" / "tiny" / "model.py"
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` for real full-disk tests, unmounted after; the
+    test is skipped where mounting is not allowed (it needs root)."""
+    path.mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def fill_disk(folder: Path) -> None:
+    """Write ``folder/filler`` until its file system is full."""
+    with open(folder / "filler", "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 512)
+        except OSError:
+            pass

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, randomize_lora
+from conftest import ROOT, fill_disk, randomize_lora, tmpfs
 
 import lora_fx
 from lora_fx.adapters import read_adapter, write_adapter
@@ -42,13 +42,7 @@ def _stall(path):
     time.sleep(600)
 
 if os.environ.get("LORAFX_TEST_STALL") == "onnx":
-    import torch.onnx
-    _save = torch.onnx.ONNXProgram.save
-    def save(self, destination, *args, **kwargs):
-        _save(self, destination, *args, **kwargs)
-        _stall(destination)
-    torch.onnx.ONNXProgram.save = save
-    import lora_fx.onnx_stream  # the streamed writer (files under the external-data size)
+    import lora_fx.onnx_stream  # the writer of files under the external-data size
     _write = lora_fx.onnx_stream.write_model
     def write_model(model, path):
         _write(model, path)
@@ -267,24 +261,25 @@ def test_write_adapter_verifies_before_replacing(adapter_dir: Path,
     assert _tree(adapter_dir) == before
 
 
-def test_save_program_disk_full_keeps_previous(tmp_path: Path) -> None:
+def test_save_program_disk_full_keeps_previous(tmp_path: Path, monkeypatch: Any) -> None:
     """ONNX save hitting ENOSPC (simulated, runs anywhere): a LoraFxError, previous intact."""
-    import onnx
     import onnx_ir
 
+    import lora_fx.onnx_stream
     from lora_fx.onnx_export import save_program
 
     target = tmp_path / "model.onnx"
     _previous_onnx(target)
     before = target.read_bytes()
 
-    class FullDisk:  # the ONNXProgram interface that save_program uses
-        model_proto = onnx.load(str(target))
-        model = onnx_ir.load(str(target))
+    def write_model(model: Any, path: Path) -> None:  # the disk fills up mid-write
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-        def save(self, path: str, **kwargs: Any) -> None:
-            Path(path).write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    monkeypatch.setattr(lora_fx.onnx_stream, "write_model", write_model)
+
+    class FullDisk:  # the ONNXProgram interface that save_program uses
+        model = onnx_ir.load(str(target))
 
     with pytest.raises(LoraFxError, match="No space left on device"):
         save_program(FullDisk(), target)
@@ -294,24 +289,12 @@ def test_save_program_disk_full_keeps_previous(tmp_path: Path) -> None:
 
 def test_write_adapter_disk_full_on_tmpfs(adapter_dir: Path, tmp_path: Path) -> None:
     """A real full disk (a 64 KiB tmpfs): refused in one line, the previous adapter intact."""
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "full", "64k") as mnt:
         adapter = read_adapter(adapter_dir)
         write_adapter(adapter, mnt / "ad")
         before = _tree(mnt / "ad")
-        with open(mnt / "filler", "wb", buffering=0) as fh:
-            try:
-                while True:
-                    fh.write(b"\0" * 512)
-            except OSError:
-                pass
+        fill_disk(mnt)
         with pytest.raises(LoraFxError, match="No space left on device"):
             write_adapter(adapter, mnt / "ad", force=True)
         assert _tree(mnt / "ad") == before
         assert sorted(p.name for p in mnt.iterdir()) == ["ad", "filler"]
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -73,7 +73,7 @@ def test_train_mode_draws_the_models_attention_dropout(make: Any, targets: list[
     torch.testing.assert_close(_seeded(gm, ids, 0)[0], _seeded(gm, ids, 1)[0])  # deterministic
 
 
-def test_no_dropout_configured_adds_nothing(tmp_path: Any) -> None:
+def test_no_dropout_configured_adds_nothing() -> None:
     base = _gpt2(0.0)
     ids = token_ids()
     gm = lora_fx.inject(base, (ids,), lora_fx.LoraConfig(r=4, target_modules=["c_attn"]))

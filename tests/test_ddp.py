@@ -89,13 +89,7 @@ def train(name: str, rank: int, world: int) -> dict[str, Any]:
     if world > 1:
         model = wrap_ddp(gm)
         stats = count_communication(model)  # type: ignore[arg-type]
-    opt = torch.optim.SGD(lora_fx.lora_parameters(gm), lr=0.5)
-    for step in range(STEPS):
-        ids = shard(_batch(step), rank, world)
-        loss = _loss(model(ids), ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _sgd_steps(model, lora_fx.lora_parameters(gm), rank, world)
     return {"lora": {n: p.detach().clone() for n, p in gm.named_parameters()
                      if p.requires_grad}, "lora_start": lora_start,
             "base_unchanged": all(torch.equal(v, start[k]) for k, v in base.state_dict().items()),
@@ -105,6 +99,17 @@ def train(name: str, rank: int, world: int) -> dict[str, Any]:
             "full_bytes": all_bytes(base)}
 
 
+def _sgd_steps(model: nn.Module, params: list[torch.Tensor], rank: int, world: int) -> None:
+    """STEPS SGD steps (lr 0.5) of ``model`` on this rank's shard of each batch."""
+    opt = torch.optim.SGD(params, lr=0.5)
+    for step in range(STEPS):
+        ids = shard(_batch(step), rank, world)
+        loss = _loss(model(ids), ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def train_fsdp2(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     """The same steps with FSDP2 ``fully_shard`` on the injected graph's root."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -112,13 +117,7 @@ def train_fsdp2(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
 
     _, gm = _injected(name)
     fully_shard(gm, mesh=init_device_mesh("cpu", (world,)))
-    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.5)
-    for step in range(STEPS):
-        ids = shard(_batch(step), rank, world)
-        loss = _loss(gm(ids), ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _sgd_steps(gm, [p for p in gm.parameters() if p.requires_grad], rank, world)
     return {n: p.full_tensor().detach().clone()  # type: ignore[attr-defined]
             for n, p in gm.named_parameters() if p.requires_grad}
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, fill_disk
 
 TINY = ROOT / "examples" / "tiny" / "model.py"
 ADAPTER = ["-t", "w_in", "-t", "head", "-r", "4"]
@@ -191,27 +191,19 @@ def _read_only(wd: Path) -> None:
         pytest.skip("cannot mount a tmpfs here (needs root)")
 
 
-def _fill(folder: Path) -> None:
-    with open(folder / "filler", "wb", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 512)
-        except OSError:
-            pass
-
 
 def _full_adapter(wd: Path) -> None:
     if not _mount(wd / "full", "size=64k"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     shutil.copytree(wd.parent.parent / "_adapter", wd / "full" / "ad")
-    _fill(wd / "full")
+    fill_disk(wd / "full")
 
 
 def _full_onnx(wd: Path) -> None:
     if not _mount(wd / "full", "size=64k"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     (wd / "full" / "model.onnx").write_bytes(b"the previous export")
-    _fill(wd / "full")
+    fill_disk(wd / "full")
 
 
 def _pickle_only(wd: Path) -> None:

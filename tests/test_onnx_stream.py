@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-from conftest import tiny_gpt2, token_ids
+from conftest import tiny_gpt2, tmpfs, token_ids
 from onnx import TensorProto, helper, numpy_helper
 
 import lora_fx
@@ -96,17 +96,10 @@ def test_gpt2_export_equals_ir_save(tmp_path: Path) -> None:
 
 def test_streamed_save_on_a_full_disk_keeps_previous(tmp_path: Path) -> None:
     """save_program streams into a temporary file: ENOSPC is one LoraFxError, nothing left."""
-    import subprocess
-
     from lora_fx.errors import LoraFxError
     from lora_fx.onnx_export import save_program
 
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "full", "256k") as mnt:
         program = to_onnx(lora_fx.capture(tiny_gpt2(), (token_ids(),)), (token_ids(),))
         assert isinstance(program, torch.onnx.ONNXProgram)  # the streamed path
         target = mnt / "model.onnx"
@@ -115,5 +108,3 @@ def test_streamed_save_on_a_full_disk_keeps_previous(tmp_path: Path) -> None:
             save_program(program, target)
         assert target.read_bytes() == b"previous"
         assert sorted(p.name for p in mnt.iterdir()) == ["model.onnx"]
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)

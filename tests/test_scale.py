@@ -334,3 +334,21 @@ def test_external_data_replace_keeps_a_consistent_pair(tmp_path: Any, monkeypatc
     assert not old_data & left  # the replaced model's data file was deleted
     assert not killed.exists()  # a dead process's unreferenced data file was swept
     assert orphan in left  # this (live) process's own: not a dead export's, kept
+
+
+def test_lean_session_holds_weights_once(tmp_path: Any) -> None:
+    """The verification session of release=True: no weight prepacking, no memory arena; the
+    same outputs as a default session."""
+    import numpy as np
+
+    from lora_fx import onnx_export, runtime
+
+    _, gm, ids = _injected_small(seed=9)
+    path = tmp_path / "m.onnx"
+    onnx_export.export_onnx(gm, (ids,), path, verify=False)
+    lean = runtime.open_session(path, ["CPUExecutionProvider"], lean=True)
+    opts = lean.get_session_options()
+    assert opts.get_session_config_entry("session.disable_prepacking") == "1"
+    assert not opts.enable_cpu_mem_arena
+    default = runtime.open_session(path, ["CPUExecutionProvider"])
+    np.testing.assert_array_equal(runtime.run(lean, (ids,))[0], runtime.run(default, (ids,))[0])

@@ -45,16 +45,17 @@ def _scaled(node: object, scale: float) -> fx.Node | None:
     return None
 
 
-def _inner(node: object) -> fx.Node | None:
-    """``x`` when ``node`` is ``x + 0.044715 · x³`` (either operand order)."""
+def _inner(node: object) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(x, 0.044715·x³, x³) when ``node`` is ``x + 0.044715 · x³`` (either operand order)."""
     if not _is(node, aten.add.Tensor):
         return None
     assert isinstance(node, fx.Node)
     for x, cube in (node.args[:2], node.args[1::-1]):
-        pow_node = _scaled(cube, 0.044715)
-        if _is(pow_node, aten.pow.Tensor_Scalar) and pow_node is not None and \
-                pow_node.args[0] is x and _const(pow_node.args[1], 3.0):
-            return x if isinstance(x, fx.Node) else None
+        power = _scaled(cube, 0.044715)
+        if isinstance(x, fx.Node) and isinstance(cube, fx.Node) and power is not None and \
+                _is(power, aten.pow.Tensor_Scalar) and power.args[0] is x and \
+                _const(power.args[1], 3.0):
+            return x, cube, power
     return None
 
 
@@ -74,12 +75,11 @@ def _match(out: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
         assert isinstance(tanh, fx.Node)
         scaled = tanh.args[0]
         add = _scaled(scaled, SQRT_2_OVER_PI)
-        if add is None or _inner(add) is not x:
+        inner = _inner(add)
+        if add is None or inner is None or inner[0] is not x:
             continue
-        cube = next(a for a in add.args[:2] if a is not x)
-        assert isinstance(cube, fx.Node) and isinstance(scaled, fx.Node)
-        power = _scaled(cube, 0.044715)
-        assert power is not None
+        assert isinstance(scaled, fx.Node)
+        _, cube, power = inner
         return x, [out, one_plus, tanh, scaled, add, cube, power, half]
     return None
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..branches import LoraLinear, weight_of
+from ..branches import LoraLinear, copy_checked, weight_of
 from ..config import LoraConfig
 from ..errors import LoraFxError
 from ..passes.runner import PassResult, run_pass
@@ -192,10 +192,4 @@ def load_magnitudes(gm: nn.Module, loaded: dict[str, torch.Tensor], where: str) 
     for name, m in loaded.items():
         branch = gm.get_submodule(state.sites[name].branch)
         assert isinstance(branch, DoraLinear)
-        target = branch.lora_magnitude_vector
-        if target.shape != m.shape:
-            raise LoraFxError(f"{where}: {name}.lora_magnitude_vector has shape "
-                              f"{tuple(m.shape)} but the model needs {tuple(target.shape)}")
-        if not target.is_meta:
-            with torch.no_grad():
-                target.copy_(m.to(target.dtype))
+        copy_checked(branch.lora_magnitude_vector, m, f"{where}: {name}.lora_magnitude_vector")
