@@ -217,8 +217,15 @@ def _data_pattern(name: str) -> re.Pattern[str]:
 def _own_data_files(path: Path) -> set[str]:
     """External-data files that ``path`` (a model about to be replaced) references under a name
     lorafx gives (``_data_pattern``, or the exporter's default ``NAME.data``). Big single files
-    are not parsed: a model that keeps its weights outside is small."""
-    if not path.is_file() or path.stat().st_size > 64 * 2**20:
+    are not parsed (a model that keeps its weights outside is small), nor is any model when no
+    such file is beside it."""
+    ours = _data_pattern(path.name)
+
+    def named(name: str) -> bool:
+        return bool(ours.fullmatch(name)) or name == f"{path.name}.data"
+
+    if not path.is_file() or path.stat().st_size > 64 * 2**20 or \
+            not any(named(f.name) for f in path.parent.iterdir()):
         return set()
     try:
         import onnx
@@ -226,9 +233,8 @@ def _own_data_files(path: Path) -> set[str]:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - not an ONNX model: nothing of ours to clean up
         return set()
-    ours = _data_pattern(path.name)
     return {e.value for t in proto.graph.initializer for e in t.external_data
-            if e.key == "location" and (ours.fullmatch(e.value) or e.value == f"{path.name}.data")}
+            if e.key == "location" and named(e.value)}
 
 
 def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path,
