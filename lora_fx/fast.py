@@ -11,8 +11,9 @@ gradients instead of the [N, out] one). A and B stay the branch modules' paramet
 optimizer, ``save_adapter`` and ``merge`` see exactly what they saw before, and training follows
 PEFT's dynamics (the scale is not folded into B's values). ``compiled`` wraps ``torch.compile``.
 
-``training_graph``: a copy of the graph for training, branches fused and the written-out tanh
-GELU made one kernel; ``gm`` keeps the captured graph for save, merge and export.
+``training_graph``: a copy of the graph for training, branches fused, the written-out tanh
+GELU made one kernel, and wide linears (LM heads) computed in column blocks where that is
+measured faster; ``gm`` keeps the captured graph for save, merge and export.
 
 ``captured_program``: the ``torch.export`` program that capture kept, with merged weights, so
 that the ONNX export of a merged model does not trace it a second time (see below).
@@ -106,8 +107,9 @@ def fuse_branches(gm: nn.Module) -> fx.GraphModule:
 
 def training_graph(gm: nn.Module) -> fx.GraphModule:
     """A faster graph for training ``gm``: a copy of its graph over the same parameters and
-    modules, with the branches fused (``fuse_branches``) and every written-out tanh GELU made
-    one ``aten.gelu`` (``passes.fuse_gelu``).
+    modules, with the branches fused (``fuse_branches``), every written-out tanh GELU made
+    one ``aten.gelu`` (``passes.fuse_gelu``), and every linear of ≥ 8192 outputs routed
+    through ``passes.wide_linear`` (column blocks where the first call measures them faster).
 
     Train the copy: the optimizer takes ``lora_parameters(gm)`` (the same tensors). Save,
     merge and export ``gm`` itself, whose graph stays the captured one, so that the merged ONNX
@@ -116,6 +118,7 @@ def training_graph(gm: nn.Module) -> fx.GraphModule:
     """
     from .api import _copy_graph
     from .passes.fuse_gelu import fuse_gelu_pass
+    from .passes.wide_linear import wide_linear_pass
 
     if not isinstance(gm, fx.GraphModule):
         raise LoraFxError("training_graph expects the GraphModule returned by lora_fx.inject")
@@ -124,7 +127,8 @@ def training_graph(gm: nn.Module) -> fx.GraphModule:
     train.meta = dict(gm.meta)
     train.train(gm.training)
     run_pass("fuse_branches", fuse_branches_pass, train)
-    return run_pass("fuse_gelu", fuse_gelu_pass, train).gm
+    run_pass("fuse_gelu", fuse_gelu_pass, train)
+    return run_pass("wide_linear", wide_linear_pass, train).gm
 
 
 def compiled(gm: nn.Module, fuse: bool = True, **options: Any) -> Any:

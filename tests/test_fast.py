@@ -224,3 +224,78 @@ def test_fuse_gelu_pass_matches_only_the_formula() -> None:
     for got, ref in zip(gm(x), want, strict=True):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(gm(x)[0], torch.nn.functional.gelu(x, approximate="tanh"))
+
+
+# --- wide linears in column blocks (passes.wide_linear) ------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_blocked_linear_equals_linear_forward_and_grads(bias: bool) -> None:
+    from lora_fx.passes.wide_linear import BLOCK, _BlockedLinear
+
+    g = torch.Generator().manual_seed(0)
+    n = 2 * BLOCK + 77  # two whole blocks and a partial one
+    x = torch.randn(3, 5, 16, generator=g).requires_grad_(True)
+    w = torch.randn(n, 16, generator=g).requires_grad_(True)
+    b = torch.randn(n, generator=g).requires_grad_(True) if bias else None
+    inputs = [x, w] + ([b] if b is not None else [])
+    got = _BlockedLinear.apply(x, w, b)
+    want = torch.nn.functional.linear(x, w, b)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    seed = torch.randn(want.shape, generator=g)
+    for ours, ref in zip(torch.autograd.grad(got, inputs, seed),
+                         torch.autograd.grad(want, inputs, seed), strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_wide_linear_measures_once_per_shape_and_follows_the_choice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_fx.passes import wide_linear as wl
+
+    calls: list[tuple[int, ...]] = []
+    monkeypatch.setattr(wl, "_choice", {})
+    monkeypatch.setattr(wl, "_tune", lambda x, w, b: calls.append(tuple(w.shape)) or True)
+    blocked: list[int] = []
+    real = wl._blocked
+    monkeypatch.setattr(wl, "_blocked", lambda x, w, b: blocked.append(1) or real(x, w, b))
+    x, w = torch.randn(4, 8), torch.randn(wl.BLOCK + 3, 8)
+    for _ in range(3):
+        torch.testing.assert_close(wl.wide_linear(x, w), x @ w.t())
+    assert calls == [(wl.BLOCK + 3, 8)] and len(blocked) == 3
+    monkeypatch.setattr(wl, "_choice", {})
+    monkeypatch.setattr(wl, "_tune", lambda x, w, b: False)
+    wl.wide_linear(x, w)
+    assert len(blocked) == 3  # measured slower: the plain linear runs
+
+
+@pytest.mark.parametrize("use_blocks", [True, False])
+def test_training_graph_routes_the_lm_head_and_equals_peft(
+        monkeypatch: pytest.MonkeyPatch, use_blocks: bool) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora_fx.fast import training_graph
+    from lora_fx.passes import wide_linear as wl
+
+    monkeypatch.setattr(wl, "_choice", {})
+    monkeypatch.setattr(wl, "_tune", lambda x, w, b: use_blocks)
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=9001,
+                                      n_positions=32, use_cache=False)).eval()
+    targets = ["c_attn"]
+    gm = lora_fx.inject(base, (token_ids(),), lora_fx.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets))
+    randomize_lora(gm, seed=6)
+    train = training_graph(gm)
+    assert _count(train, "wide_linear") == 1 and _count(gm, "wide_linear") == 0
+    ids = token_ids(2, 9, seed=4)
+    pm = peft_model_like(base, gm, r=4, lora_alpha=8, target_modules=targets)
+    ours, ref = _logits(train(ids)), _logits(pm(ids))
+    torch.testing.assert_close(ours, ref.detach(), atol=1e-5, rtol=1e-5)
+    assert len(wl._choice) == 1
+    ours.square().sum().backward()  # a sum: gradients of order 1, so rtol decides
+    ref.square().sum().backward()
+    peft_grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    for site, branch in lora_fx.branches(gm).items():
+        want = next(g for n, g in peft_grads.items() if f"{site}.lora_B." in n)
+        assert branch.lora_B.weight.grad is not None
+        torch.testing.assert_close(branch.lora_B.weight.grad, want, atol=1e-4, rtol=1e-4)
