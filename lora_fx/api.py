@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from . import memory
 from .adapters import Adapter, read_adapter, write_adapter
 from .branches import LoraBranch, LoraFused
 from .capture import CAPTURE_KEY, capture
@@ -182,6 +183,7 @@ def _fold_in_place(gm: fx.GraphModule, new: fx.GraphModule,
             weight.copy_(branch.fold(weight, rec.layout, where=name))
     if len(rest) < len(state.sites):
         gm.register_forward_pre_hook(_merged_in_place)
+    memory.trim()  # the freed ΔW buffers: not resident under the export that follows
     return rest
 
 

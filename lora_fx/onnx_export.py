@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from . import fileio
+from . import fileio, memory
 from .errors import LoraFxError, LoraFxWarning
 from .fileio import check_writable_dir
 
@@ -287,6 +287,7 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
         program = export_program(reuse, opset)
     else:
         program = to_onnx(module, args, dynamic_shapes, opset)
+    memory.trim()  # what tracing and translating freed: not resident while saving
     external = save_program(program, Path(path))
     report = ExportReport(Path(path), merge, 0.0, external, dict(op_histogram(
         program.model)), extras=extras)
@@ -298,6 +299,7 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
     want = forward(reference, example_inputs) if verify else None
     if release:
         release_weights(gm, reference, module, *([model] if model is not None else []))
+        memory.trim()
     if want is not None:
         verify_file(report, args, want, atol, providers, dtype, lean=release)
     report.seconds = time.perf_counter() - start

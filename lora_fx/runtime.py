@@ -48,23 +48,19 @@ def open_session(path: str | Path,
     a provider may be a ``(name, options)`` pair, as ONNX Runtime accepts).
 
     ``lean``: for one run of a big model (verification), hold its weights about once: no
-    weight prepacking (a packed copy of every MatMul weight) and no memory arena. (Graph
-    optimizations stay on: without constant folding a weight transposed in the graph, e.g. a
-    tied LM head, is transposed at run time, a larger transient than the folded copy.)
+    weight prepacking (a packed copy of every MatMul weight), no memory arena, and no constant
+    folding. Folding would store a transposed copy of a weight the graph transposes (a tied LM
+    head: its [d, vocab] transpose); unfolded, ONNX Runtime's MatMul-Transpose fusion reads
+    the weight itself (``FusedMatMul`` with transB=1). The other fusions stay on.
     Warns when a requested accelerator provider is not among the providers the session uses.
     """
     import onnxruntime as ort
 
     requested = list(providers) if providers else default_providers()
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    if lean:
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-        opts.enable_cpu_mem_arena = False
-    opts.log_severity_level = 3
+    opts, disabled = session_options(threads, lean)
     try:
-        sess = ort.InferenceSession(str(path), sess_options=opts, providers=requested)
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=requested,
+                                    disabled_optimizers=disabled)
     except Exception as err:
         raise LoraFxError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from err
     used = sess.get_providers()
@@ -74,6 +70,21 @@ def open_session(path: str | Path,
         warnings.warn(f"ONNX Runtime fell back to {used[0]}: {', '.join(dropped)} requested but "
                       "not usable (CUDA/cuDNN libraries missing?)", LoraFxWarning, stacklevel=2)
     return sess
+
+
+def session_options(threads: int | None = None, lean: bool = False
+                    ) -> tuple[Any, list[str] | None]:
+    """(SessionOptions, optimizers to disable) for :func:`open_session`."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    if lean:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        opts.enable_cpu_mem_arena = False
+    opts.log_severity_level = 3
+    return opts, (["ConstantFolding"] if lean else None)
 
 
 def session_provider(sess: Any) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, randomize_lora, token_ids
 
 import lora_fx
 from lora_fx import api
@@ -352,3 +352,77 @@ def test_lean_session_holds_weights_once(tmp_path: Any) -> None:
     assert not opts.enable_cpu_mem_arena
     default = runtime.open_session(path, ["CPUExecutionProvider"])
     np.testing.assert_array_equal(runtime.run(lean, (ids,))[0], runtime.run(default, (ids,))[0])
+
+
+def _optimized_initializer_shapes(path: Path, lean: bool, tmp: Path) -> tuple[set[tuple[int, ...]],
+                                                                           list[Any]]:
+    """(initializer shapes, FusedMatMul nodes) of the graph ONNX Runtime runs for ``path``
+    under open_session's options (saved through ``optimized_model_filepath``)."""
+    import onnx
+    import onnxruntime as ort
+
+    from lora_fx import runtime
+
+    opts, disabled = runtime.session_options(lean=lean)
+    out = tmp / f"optimized_{lean}.onnx"
+    opts.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=disabled)
+    model = onnx.load(str(out))
+    return ({tuple(t.dims) for t in model.graph.initializer},
+            [n for n in model.graph.node if n.op_type == "FusedMatMul"])
+
+
+def test_lean_session_reads_a_tied_head_without_a_transposed_copy(tmp_path: Path) -> None:
+    """A tied LM head is MatMul(x, Transpose(wte)) in the file. A default session folds the
+    transpose into a second [d, vocab] weight; the lean one (verification of big exports)
+    runs FusedMatMul(x, wte, transB=1) on the one stored weight, with the same outputs."""
+    import numpy as np
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora_fx import onnx_export, runtime
+
+    torch.manual_seed(0)  # vocab · d > 8192: onnxscript leaves the transpose to the runtime
+    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=300,
+                                      n_positions=32, use_cache=False)).eval()
+    ids = token_ids()
+    gm = lora_fx.inject(base, (ids,), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    randomize_lora(gm, seed=2)
+    path = tmp_path / "m.onnx"
+    onnx_export.export_onnx(gm, (ids,), path, verify=False)
+    vocab, d = base.config.vocab_size, base.config.n_embd
+    shapes, _ = _optimized_initializer_shapes(path, False, tmp_path)
+    assert (d, vocab) in shapes  # the folded transposed copy
+    shapes, fused = _optimized_initializer_shapes(path, True, tmp_path)
+    assert (d, vocab) not in shapes and (vocab, d) in shapes
+    assert any(a.name == "transB" and a.i == 1 for n in fused for a in n.attribute)
+    lean = runtime.open_session(path, ["CPUExecutionProvider"], lean=True)
+    default = runtime.open_session(path, ["CPUExecutionProvider"])
+    np.testing.assert_allclose(runtime.run(lean, (ids,))[0], runtime.run(default, (ids,))[0],
+                               atol=1e-5, rtol=1e-5)
+
+
+TRIM_CHILD = """
+import torch
+from lora_fx import memory
+def anon():
+    f = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+    return int(f["RssAnon"].split()[0]) * 1024
+big = torch.ones(16 << 20, dtype=torch.uint8); del big  # glibc's mmap threshold rises to 16 MB
+blocks = [torch.ones(8 << 20, dtype=torch.uint8) for _ in range(10)]  # so these come from the heap
+pin = torch.ones(4 << 20, dtype=torch.uint8)  # above them: the heap's top stays in use
+del blocks  # 80 MB free inside the heap, still resident
+before = anon()
+print(int(memory.trim()), before - anon())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_trim_returns_freed_heap_memory() -> None:
+    """memory.trim (run after an in-place merge and around a big export): freed tensors that
+    glibc kept in its heap stop being resident."""
+    out = subprocess.run([sys.executable, "-c", TRIM_CHILD], capture_output=True, text=True,
+                         check=True).stdout.split()
+    if out[0] == "0":
+        pytest.skip("this C library has no malloc_trim")
+    assert int(out[1]) > 60 << 20  # of the 80 MB freed
