@@ -253,9 +253,10 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
     max |y − y_fp32| of PyTorch and ONNX Runtime, and verification allows
     ``DTYPE_RTOL[dtype] · max(1, max |y_fp32|)``.
 
-    ``release=True`` (models too big for two copies): after the export PyTorch's outputs are
-    kept, every weight of ``gm`` (and so of the user's model, which shares them) is freed, then
-    ONNX Runtime verifies; the model cannot run afterwards.
+    ``release=True`` (models too big for two copies) consumes the model: an fp32 merge folds
+    W' into each weight's own storage (``merge(inplace=True)``: no second copy), and after the
+    export PyTorch's outputs are kept, every weight of ``gm`` (and so of the user's model, which
+    shares them) is freed, then ONNX Runtime verifies; the model cannot run afterwards.
     """
     from . import api
     from .passes.state import get_state
@@ -265,7 +266,8 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
     start = time.perf_counter()
     state = get_state(gm)
     unmerged = not merge and state is not None
-    reference: nn.Module = api.merge(gm) if merge and state is not None else gm
+    inplace = release and dtype in (None, "fp32")  # a cast export merges a copy in fp32
+    reference: nn.Module = api.merge(gm, inplace=inplace) if merge and state is not None else gm
     module, args = reference, tuple(example_inputs)
     if unmerged:
         from .onnx_unmerged import deploy_module

@@ -426,3 +426,20 @@ def test_trim_returns_freed_heap_memory() -> None:
     if out[0] == "0":
         pytest.skip("this C library has no malloc_trim")
     assert int(out[1]) > 60 << 20  # of the 80 MB freed
+
+
+def test_export_release_merges_in_place(tmp_path: Any, monkeypatch: Any) -> None:
+    """export_onnx(gm, release=True) (what `lorafx export` runs) folds W' into the user's own
+    weight tensors (no second copy) before freeing them: W' = W + s·B@A by hand, same storage."""
+    from lora_fx import onnx_export
+
+    monkeypatch.setattr(onnx_export, "release_weights", lambda *modules: None)  # look after
+    base, gm, ids = _injected_small(seed=11)
+    weight = base.blocks[0].attn.q_proj.weight
+    ptr, w0 = weight.data_ptr(), weight.detach().clone()
+    branch = lora_fx.branches(gm)["blocks.0.attn.q_proj"]
+    delta = branch.scaling * branch.lora_B.weight.detach() @ branch.lora_A.weight.detach()
+    report = onnx_export.export_onnx(gm, (ids,), tmp_path / "m.onnx", release=True)
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+    assert weight.data_ptr() == ptr
+    torch.testing.assert_close(weight.detach(), w0 + delta, atol=1e-6, rtol=1e-6)
