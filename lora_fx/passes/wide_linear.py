@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..patterns import _attr
 from .runner import PassResult
 
 BLOCK = 4096          # output features per block
@@ -108,9 +109,7 @@ def _weight(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     """The tensor a ``get_attr`` node reads, else None."""
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
-    value: Any = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part, None)
+    value = _attr(gm, str(node.target))
     return value if isinstance(value, torch.Tensor) else None
 
 
