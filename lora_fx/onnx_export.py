@@ -264,15 +264,15 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
     if dtype is not None and dtype not in DTYPES:
         raise LoraFxError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     start = time.perf_counter()
+    dtype = None if dtype in (None, "fp32") else dtype
     state = get_state(gm)
     unmerged = not merge and state is not None
-    inplace = release and dtype in (None, "fp32")  # a cast export merges a copy in fp32
+    inplace = release and dtype is None  # a cast export merges a copy in fp32
     reference: nn.Module = api.merge(gm, inplace=inplace) if merge and state is not None else gm
     module, args = reference, tuple(example_inputs)
     if unmerged:
         from .onnx_unmerged import deploy_module
         module = deploy_module(gm)
-    dtype = None if dtype in (None, "fp32") else dtype
     if dtype is not None:
         args = cast_inputs(args, dtype)
         module = lowered(gm, module, unmerged, dtype, args, model, dynamic_shapes)

@@ -73,22 +73,19 @@ class _BlockedLinear(torch.autograd.Function):
         return dx, dw, db
 
 
-def _timed(fn: Any) -> tuple[torch.Tensor, float]:
+def _seconds(fn: Any) -> float:
     start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+    fn()
+    return time.perf_counter() - start
 
 
 def _tune(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
-    """True when blocks beat the plain GEMM by ``MIN_GAIN`` on this input (median of TRIALS)."""
+    """True when blocks beat the plain GEMM by ``MIN_GAIN`` on this input (median of TRIALS,
+    after one warm-up round of each)."""
     with torch.no_grad():
-        plain, blocks = [], []
-        for trial in range(TRIALS + 1):
-            t_plain = _timed(lambda: F.linear(x, w, b))[1]
-            t_blocks = _timed(lambda: _blocked(x, w, b))[1]
-            if trial:  # the first round warms both up
-                plain.append(t_plain)
-                blocks.append(t_blocks)
+        rounds = [(_seconds(lambda: F.linear(x, w, b)), _seconds(lambda: _blocked(x, w, b)))
+                  for _ in range(TRIALS + 1)][1:]
+    plain, blocks = zip(*rounds, strict=True)
     return statistics.median(blocks) <= MIN_GAIN * statistics.median(plain)
 
 
