@@ -1,10 +1,16 @@
-"""Give freed heap memory back to the operating system between phases of a big-model pipeline.
+"""Heap management around the heavy phases of a pipeline.
+
+``trim``: give freed heap memory back to the operating system between phases of a big-model
+pipeline.
 
 glibc's malloc serves blocks below its mmap threshold (dynamic: it rises to the largest block
 freed, up to 32 MB) from its heap, and keeps them there once freed. A merge computes one ΔW
 per site (13-17 MB each for d = 1024), so tens of MB stay resident that no tensor uses, and an
 export's peak adds to them. ``malloc_trim(0)`` hands those pages back. It changes no value and
 no allocation still in use; where the C library has no ``malloc_trim`` it does nothing.
+
+``collector_frozen``: run a trace or an export without full garbage collections over the
+objects that were alive before it (see its docstring).
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -32,3 +41,29 @@ def trim() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+@contextmanager
+def collector_frozen() -> Iterator[None]:
+    """Exclude every object alive at entry from Python's cyclic collector until exit.
+
+    A full (generation-2) collection walks every live container object. With a Hugging Face
+    model and the exporter loaded that is ~0.7 M objects and 0.2-0.5 s per collection, and a
+    trace or an ONNX export, which allocates millions of objects, triggers one or two: 4-10%
+    of an export, up to 20% of a capture. None of those old objects becomes garbage there.
+    ``gc.freeze()`` moves them out of the collector's view, so collections walk only what the
+    phase itself allocated (which is still collected as usual); ``gc.unfreeze()`` puts them
+    back, on any exit. Nothing is freed later or earlier than it would be otherwise, except
+    cycles among the old objects, which wait for the next full collection after exit.
+
+    Does nothing when the caller has frozen objects itself (``gc.get_freeze_count() > 0``):
+    unfreezing would thaw theirs too.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -156,7 +156,7 @@ def to_onnx(module: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: 
     was_training = module.training
     module.eval()
     try:
-        with quiet_exporter():
+        with quiet_exporter(), memory.collector_frozen():
             return torch.onnx.export(module, tuple(example_inputs), **kwargs)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]

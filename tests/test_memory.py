@@ -1,0 +1,72 @@
+"""memory.collector_frozen: traces and exports run without full collections over old objects."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lora_fx
+from lora_fx import memory
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: Any = self
+
+
+def test_collector_frozen_freezes_old_objects_and_thaws_on_exit() -> None:
+    old = [_Node() for _ in range(100)]
+    assert gc.get_freeze_count() == 0
+    with memory.collector_frozen():
+        assert gc.get_freeze_count() >= len(old)
+        young = _Node()  # a cycle made inside is still collected inside
+        ref = weakref.ref(young)
+        del young
+        gc.collect()
+        assert ref() is None
+    assert gc.get_freeze_count() == 0
+
+
+def test_collector_frozen_thaws_when_the_phase_raises() -> None:
+    with pytest.raises(RuntimeError), memory.collector_frozen():
+        raise RuntimeError("export failed")
+    assert gc.get_freeze_count() == 0
+
+
+def test_collector_frozen_leaves_a_callers_freeze_alone() -> None:
+    """A process that froze its own objects (a pre-fork server) keeps them frozen."""
+    gc.freeze()
+    try:
+        count = gc.get_freeze_count()
+        with memory.collector_frozen():
+            pass
+        assert gc.get_freeze_count() == count
+    finally:
+        gc.unfreeze()
+
+
+def test_capture_and_export_run_frozen(tmp_path: Any, monkeypatch: Any) -> None:
+    """torch.export (capture) and torch.onnx.export (export_onnx) run inside the freeze."""
+    seen: list[tuple[str, int]] = []
+    for mod, name in ((torch.export, "export"), (torch.onnx, "export")):
+        real = getattr(mod, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = f"{mod.__name__}.{name}",
+                **kwargs: Any) -> Any:
+            seen.append((_name, gc.get_freeze_count()))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(mod, name, spy)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(2, 8)
+    captured = lora_fx.capture(model, (x,), method="export")
+    gm = lora_fx.inject(captured, (x,), lora_fx.LoraConfig(r=2, target_modules=["0"]))
+    lora_fx.export_onnx(gm, (x,), tmp_path / "m.onnx", verify=False)
+    assert {name for name, _ in seen} == {"torch.export.export", "torch.onnx.export"}
+    assert all(count > 0 for _, count in seen)
+    assert gc.get_freeze_count() == 0
