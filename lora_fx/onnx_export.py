@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
@@ -30,6 +30,9 @@ from torch.utils import _pytree as pytree
 from . import fileio, memory
 from .errors import LoraFxError, LoraFxWarning
 from .fileio import check_writable_dir
+
+if TYPE_CHECKING:
+    from .onnx_stream import Layout
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the graph
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -166,8 +169,10 @@ def to_onnx(module: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: 
         module.train(was_training)
 
 
-def save_program(program: Any, path: Path, external_data: bool | None = None) -> bool:
+def save_program(program: Any, path: Path, external_data: bool | None = None
+                 ) -> tuple[bool, Layout | None]:
     """Save atomically: into a temporary dir beside ``path``, then rename data and model.
+    Returns (whether the weights went to external data, the streamed file's ``Layout``).
 
     External data goes to a file named for this export (``model.onnx.<pid>.<8 hex>.data``), so
     the rename of the data never touches the data of the model being replaced: a kill at any
@@ -186,13 +191,14 @@ def save_program(program: Any, path: Path, external_data: bool | None = None) ->
     try:
         replaced = _own_data_files(path)
         fileio.sweep_dead(path.parent, _data_pattern(path.name), keep=replaced)
+        layout = None
         if use_external:
             import onnx_ir as ir
 
             ir.save(program.model, tmp / path.name,
                     external_data=f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.data")
         else:  # weights streamed from memory, no serialized copy of the model (onnx_stream)
-            write_model(program.model, tmp / path.name)
+            layout = write_model(program.model, tmp / path.name)
         written = {f.name for f in tmp.iterdir()} - {path.name}
         for name in written:
             os.replace(tmp / name, path.parent / name)
@@ -206,7 +212,7 @@ def save_program(program: Any, path: Path, external_data: bool | None = None) ->
         raise mapped from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return use_external
+    return use_external, layout
 
 
 def _data_pattern(name: str) -> re.Pattern[str]:
@@ -290,7 +296,7 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
     else:
         program = to_onnx(module, args, dynamic_shapes, opset)
     memory.trim()  # what tracing and translating freed: not resident while saving
-    external = save_program(program, Path(path))
+    external, layout = save_program(program, Path(path))
     report = ExportReport(Path(path), merge, 0.0, external, dict(op_histogram(
         program.model)), extras=extras)
     del program  # its IR may hold tensors of its own (folded constants): free them first
@@ -303,7 +309,7 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
         release_weights(gm, reference, module, *([model] if model is not None else []))
         memory.trim()
     if want is not None:
-        verify_file(report, args, want, atol, providers, dtype, lean=release)
+        verify_file(report, args, want, atol, providers, dtype, lean=release, layout=layout)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -421,16 +427,23 @@ def verify_onnx(report: ExportReport, module: nn.Module, example_inputs: tuple[A
 
 def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.Tensor],
                 atol: float = 1e-4, providers: list[str] | None = None,
-                dtype: str | None = None, lean: bool = False) -> None:
+                dtype: str | None = None, lean: bool = False,
+                layout: Layout | None = None) -> None:
     """Run ``report.path`` in ONNX Runtime on ``inputs`` and compare with PyTorch's outputs
     ``want``; raise above ``atol``. No model needs to be alive: for big models, compute
     ``want``, release the model, then verify (one copy of the weights at a time); ``lean``:
-    a session that holds the weights once (``runtime.open_session``).
+    a session that holds the weights once (``runtime.open_session``). ``layout``: the file
+    was streamed by ``onnx_stream.write_model``; ONNX Runtime loads it through a view that
+    maps its weights in place (``onnx_stream.external_view``) instead of copying them.
     """
     from . import runtime
 
     try:
-        sess = runtime.open_session(report.path, providers, lean=lean)
+        with _loadable(report.path, layout) as model_file:
+            try:
+                sess = runtime.open_session(model_file, providers, lean=lean)
+            except LoraFxError as err:
+                raise LoraFxError(str(err).replace(str(model_file), str(report.path))) from err
     except LoraFxError as err:
         if dtype != "bf16" or "NOT_IMPLEMENTED" not in str(err):
             raise
@@ -450,3 +463,25 @@ def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.
         raise LoraFxError(f"verification failed: max |ONNX Runtime - PyTorch| = "
                           f"{report.max_abs_diff:.3g} > {limit:g} on {report.provider}; the file "
                           f"{report.path} was written, do not deploy it")
+
+
+@contextmanager
+def _loadable(path: Path, layout: Layout | None) -> Iterator[Path]:
+    """``path``, or for a file that ``write_model`` streamed, a temporary view of it written
+    beside it and removed on exit (ONNX Runtime has mapped the weights by then). Where the
+    view cannot be written (disk full), ``path`` itself."""
+    from .onnx_stream import external_view
+
+    if layout is None:
+        yield path
+        return
+    view = fileio._temp_path(path.parent, path.name)
+    try:
+        try:
+            view.write_bytes(external_view(layout, path))
+        except OSError:
+            yield path
+            return
+        yield view
+    finally:
+        view.unlink(missing_ok=True)

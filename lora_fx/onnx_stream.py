@@ -10,11 +10,18 @@ parses to the same model. Each ``TensorProto`` is its small header (name, dims, 
 followed by ``raw_data`` (field 9, little-endian bytes) written straight from the tensor's
 memory. ``onnx_ir.save`` instead holds the whole ``ModelProto`` and then its bytes: two extra
 copies of every weight (1.4 GB for GPT-2 small) and the time to make them.
+
+``write_model`` returns where each weight's bytes lie in the file (``Layout``), and
+``external_view`` turns that into a small model with the same graph whose weights are ONNX
+external data pointing into the file itself. ONNX Runtime memory-maps external data, while a
+weight inside a protobuf is copied out of the parsed file, with a transient peak of its own:
+1.7-2.2x the weights' bytes resident for a 1.2 GB model, against 1.0x through the view.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +63,17 @@ def _raw(value: Any) -> tuple[bytes, memoryview] | None:
     return header, array.reshape(-1).view(np.uint8).data
 
 
-def write_model(model: Any, path: str | Path) -> None:
+@dataclass
+class Layout:
+    """A file ``write_model`` wrote: ``head`` (the model without its streamed weights), then per
+    weight a chunk whose last ``length`` bytes, at ``offset`` in the file, are its raw data;
+    ``header`` is the weight's TensorProto without data (name, dims, data_type)."""
+
+    head: bytes
+    tensors: list[tuple[bytes, int, int]]  # (header, offset, length)
+
+
+def write_model(model: Any, path: str | Path) -> Layout:
     """Save an ``onnx_ir.Model`` at ``path`` as one protobuf file, weights streamed."""
     streamed = [(v, raw) for v in model.graph.initializers.values()
                 if (raw := _raw(v)) is not None]
@@ -73,11 +90,44 @@ def write_model(model: Any, path: str | Path) -> None:
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(rest)
     head = proto.SerializeToString()
+    layout = Layout(head, [])
     with open(path, "wb") as fh:
         fh.write(head)
+        offset = len(head)
         for _, (header, data) in streamed:
             data_key = _key(_RAW_DATA, len(data))
             tensor_len = len(header) + len(data_key) + len(data)
             init_key = _key(_INITIALIZER, tensor_len)
-            fh.write(_key(_GRAPH, len(init_key) + tensor_len) + init_key + header + data_key)
+            prefix = _key(_GRAPH, len(init_key) + tensor_len) + init_key + header + data_key
+            fh.write(prefix)
             fh.write(data)
+            layout.tensors.append((header, offset + len(prefix), len(data)))
+            offset += len(prefix) + len(data)
+    return layout
+
+
+def external_view(layout: Layout, path: str | Path, inline_below: int = 1024) -> bytes:
+    """A model file's bytes: ``layout.head`` plus each streamed weight as a TensorProto whose
+    data is external, at (offset, length) in ``path`` (the file ``write_model`` wrote, read
+    in place; a view written beside it names it by its base name). Weights under
+    ``inline_below`` bytes are copied in instead: ONNX Runtime's shape inference reads small
+    constants (axes, shapes) and cannot read them from external data."""
+    path = Path(path)
+    chunks = [layout.head]
+    with open(path, "rb") as fh:
+        for header, offset, length in layout.tensors:
+            tensor = onnx.TensorProto()
+            tensor.ParseFromString(header)
+            if length < inline_below:
+                fh.seek(offset)
+                tensor.raw_data = fh.read(length)
+            else:
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", path.name), ("offset", str(offset)),
+                                   ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+            body = tensor.SerializeToString()
+            init = _key(_INITIALIZER, len(body)) + body
+            chunks.append(_key(_GRAPH, len(init)) + init)
+    return b"".join(chunks)

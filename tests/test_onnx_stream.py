@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -108,3 +109,118 @@ def test_streamed_save_on_a_full_disk_keeps_previous(tmp_path: Path) -> None:
             save_program(program, target)
         assert target.read_bytes() == b"previous"
         assert sorted(p.name for p in mnt.iterdir()) == ["model.onnx"]
+
+
+def test_external_view_reads_the_streamed_file_in_place(tmp_path: Path) -> None:
+    """The view's weights are external data at offsets into the streamed file itself: onnx's
+    own loader resolves them to exactly the file's tensors, and ONNX Runtime agrees."""
+    from lora_fx.onnx_stream import external_view
+
+    streamed = tmp_path / "streamed.onnx"
+    layout = write_model(_mixed_model(), streamed)
+    (tmp_path / "view.onnx").write_bytes(external_view(layout, streamed, inline_below=1))
+    view = onnx.load(tmp_path / "view.onnx", load_external_data=False)
+    external = {t.name: {e.key: e.value for e in t.external_data} for t in view.graph.initializer
+                if t.data_location == TensorProto.EXTERNAL}
+    assert set(external) == {"w_f32", "w_f16", "w_i64", "w_bool", "w_scalar"}  # not w_empty
+    assert {e["location"] for e in external.values()} == {"streamed.onnx"}
+    resolved = onnx.load(tmp_path / "view.onnx")  # marks data_location DEFAULT explicitly
+    for t in resolved.graph.initializer:
+        t.ClearField("data_location")
+    assert _canonical(resolved) == _canonical(onnx.load(streamed))
+    x = np.ones((3, 4), dtype=np.float32)
+    outs = [runtime.run(runtime.open_session(tmp_path / f), (x,))[0]
+            for f in ("streamed.onnx", "view.onnx")]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+MAPPED_CHILD = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+from lora_fx import runtime
+from lora_fx.onnx_export import _loadable
+from lora_fx.onnx_stream import Layout
+
+def anon():
+    return int(Path("/proc/self/status").read_text().split("RssAnon:")[1].split()[0]) * 1024
+
+path, mode = Path(sys.argv[1]), sys.argv[2]
+raw = json.loads(path.with_suffix(".json").read_text())
+layout = Layout(bytes.fromhex(raw["head"]), [(bytes.fromhex(h), o, n) for h, o, n in raw["tensors"]])
+x = np.ones((1, 1024), dtype=np.float32)
+before = anon()
+with _loadable(path, layout if mode == "view" else None) as f:
+    sess = runtime.open_session(f, ["CPUExecutionProvider"], lean=True)
+y = runtime.run(sess, (x,))[0]
+print(anon() - before, float(np.abs(y).sum()))
+"""
+
+
+def _chain(n: int, d: int) -> ir.Model:
+    """y = x @ w0 @ w1 ... @ w(n-1): n weights of d x d floats."""
+    g = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(g.standard_normal((d, d)).astype(np.float32) / 32,
+                                       f"w{i}") for i in range(n)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"])
+             for i in range(n)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", 1, [1, d])],
+                              [helper.make_tensor_value_info(f"h{n}", 1, [1, d])], weights)
+    return ir.serde.deserialize_model(helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_verification_maps_a_streamed_file_instead_of_copying_it(tmp_path: Path) -> None:
+    """Through the view, ONNX Runtime's session holds the weights as mapped file pages: its
+    anonymous memory grows by a small part of the weights (opened directly: all of them)."""
+    import json
+    import subprocess
+    import sys
+
+    n, d = 40, 1024  # 160 MB
+    layout = write_model(_chain(n, d), tmp_path / "chain.onnx")
+    (tmp_path / "chain.json").write_text(json.dumps({"head": layout.head.hex(), "tensors": [
+        [h.hex(), o, length] for h, o, length in layout.tensors]}))
+    got = {}
+    for mode in ("view", "direct"):  # each in a fresh process: a clean heap to measure
+        out = subprocess.run([sys.executable, "-c", MAPPED_CHILD, str(tmp_path / "chain.onnx"),
+                              mode], capture_output=True, text=True, check=True).stdout.split()
+        got[mode] = (int(out[0]) / (n * d * d * 4), out[1])
+    assert got["view"][1] == got["direct"][1]  # same outputs
+    assert got["view"][0] < 0.25, got
+    assert got["direct"][0] > 0.75, got
+
+
+def test_export_verifies_through_a_temporary_view(tmp_path: Path, monkeypatch: Any) -> None:
+    """export_onnx(verify=True) of a single-file model opens a view beside it (weights external,
+    pointing into the model file), removes it, and reports errors with the model's own path."""
+    from lora_fx.errors import LoraFxError
+    from lora_fx.onnx_export import export_onnx
+
+    gm = lora_fx.inject(tiny_gpt2(), (token_ids(),), lora_fx.LoraConfig(r=2, target_modules=[
+        "c_attn"]))
+    opened: list[Path] = []
+    real = runtime.open_session
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(path))
+        locations = {e.value for t in onnx.load(path, load_external_data=False).graph.initializer
+                     for e in t.external_data if e.key == "location"}
+        assert locations == {"m.onnx"}
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "open_session", spy)
+    report = export_onnx(gm, (token_ids(),), tmp_path / "m.onnx", verify=True)
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+    assert len(opened) == 1 and opened[0].parent == tmp_path and opened[0].name.endswith(".tmp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+    def broken(path: Any, *args: Any, **kwargs: Any) -> Any:
+        raise LoraFxError(f"ONNX Runtime cannot load {path}: broken")
+
+    monkeypatch.setattr(runtime, "open_session", broken)
+    with pytest.raises(LoraFxError, match=r"cannot load .*m\.onnx: broken") as err:
+        export_onnx(gm, (token_ids(),), tmp_path / "m.onnx", verify=True)
+    assert ".tmp" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
