@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import subprocess
 import sys
 import tempfile
@@ -104,11 +105,19 @@ def export_cases(base: Any, gm: Any, tokens: Any, s: models.Spec, out: Path
     return {"lorafx": lorafx_case, "peft": peft_case(True), "peft-static": peft_case(False)}
 
 
+def _collected(fn: Callable[[], Any]) -> None:
+    fn()
+    gc.collect()
+
+
 def time_exports(cases: dict[str, Callable[[], Any]], reps: int, warm: bool = True
                  ) -> dict[str, list[float]]:
     """Interleaved; PEFT's model copy is made outside the clock (merge_and_unload mutates).
 
     With ``warm``, a first untimed round loads what every exporter loads once per process.
+    Each timed case ends with a full ``gc.collect()`` on its clock: it pays for collecting its
+    own garbage, which it would otherwise leave to the next case (lorafx's export runs with
+    the collector frozen, which defers a full collection to after it).
     """
     times: dict[str, list[float]] = {k: [] for k in cases}
     for i in range(reps + int(warm)):
@@ -116,7 +125,7 @@ def time_exports(cases: dict[str, Callable[[], Any]], reps: int, warm: bool = Tr
             prep = getattr(fn, "prepare", None)
             if prep:
                 prep()
-            _, t = common.clock(fn)
+            _, t = common.clock(partial(_collected, fn))
             if i or not warm:
                 times[name].append(t)
     return times

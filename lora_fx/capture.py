@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import memory
 from .errors import LoraFxError
 from .passes.attention_dropout import attention_dropout_pass
 from .passes.runner import run_pass
@@ -107,7 +106,7 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: A
     model.eval()
     try:  # torch prints a partial graph to stderr on failure: the error below says it in a line
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
-                _no_mha_fastpath(), memory.collector_frozen():
+                _no_mha_fastpath():
             warnings.simplefilter("ignore")
             ep = torch.export.export(
                 model, tuple(example_inputs), strict=False,

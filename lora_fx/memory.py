@@ -9,8 +9,8 @@ per site (13-17 MB each for d = 1024), so tens of MB stay resident that no tenso
 export's peak adds to them. ``malloc_trim(0)`` hands those pages back. It changes no value and
 no allocation still in use; where the C library has no ``malloc_trim`` it does nothing.
 
-``collector_frozen``: run a trace or an export without full garbage collections over the
-objects that were alive before it (see its docstring).
+``collector_frozen``: run an ONNX export without full garbage collections over the objects
+that were alive before it (see its docstring).
 """
 
 from __future__ import annotations
@@ -48,13 +48,17 @@ def collector_frozen() -> Iterator[None]:
     """Exclude every object alive at entry from Python's cyclic collector until exit.
 
     A full (generation-2) collection walks every live container object. With a Hugging Face
-    model and the exporter loaded that is ~0.7 M objects and 0.2-0.5 s per collection, and a
-    trace or an ONNX export, which allocates millions of objects, triggers one or two: 4-10%
-    of an export, up to 20% of a capture. None of those old objects becomes garbage there.
+    model and the exporter loaded that is ~0.7 M objects and 0.2-0.5 s per collection, and an
+    ONNX export, which allocates millions of objects, triggers one or two (4-10% of a GPT-2
+    export). None of those old objects becomes garbage there.
     ``gc.freeze()`` moves them out of the collector's view, so collections walk only what the
     phase itself allocated (which is still collected as usual); ``gc.unfreeze()`` puts them
-    back, on any exit. Nothing is freed later or earlier than it would be otherwise, except
-    cycles among the old objects, which wait for the next full collection after exit.
+    back, on any exit. Cycles among the old objects wait for the next full collection after
+    exit, and that one may come sooner than it would have: a full collection inside counts only
+    the phase's survivors as long-lived. So about one full collection moves to after the phase
+    (in ``lorafx export``, the process ends first). Charging that one to the export, as
+    ``benchmarks/bench_export.py`` does, an export of GPT-2 small takes 0.95x the time.
+    A capture (``torch.export``) gains nothing measurable, so it is not frozen.
 
     Does nothing when the caller has frozen objects itself (``gc.get_freeze_count() > 0``):
     unfreezing would thaw theirs too.
