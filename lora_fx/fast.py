@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import memory
 from .branches import LoraLinear
 from .errors import LoraFxError
 from .passes.runner import PassResult, run_pass
@@ -218,7 +217,7 @@ def export_program(program: Any, opset: int | None = None) -> Any:
     if opset is not None:
         kwargs["opset_version"] = opset
     try:
-        with quiet_exporter(), memory.collector_frozen():
+        with quiet_exporter():
             return torch.onnx.export(program, (), **kwargs)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -51,7 +51,7 @@ def test_collector_frozen_leaves_a_callers_freeze_alone() -> None:
 
 
 def test_export_runs_frozen(tmp_path: Any, monkeypatch: Any) -> None:
-    """torch.onnx.export (inside export_onnx) runs inside the freeze, and only it."""
+    """torch.onnx.export (inside export_onnx) runs inside the freeze, except for a release."""
     seen: list[int] = []
     real = torch.onnx.export
 
@@ -66,3 +66,5 @@ def test_export_runs_frozen(tmp_path: Any, monkeypatch: Any) -> None:
     lora_fx.export_onnx(gm, (x,), tmp_path / "m.onnx", verify=False)
     assert len(seen) == 1 and seen[0] > 0
     assert gc.get_freeze_count() == 0
+    lora_fx.export_onnx(gm, (x,), tmp_path / "m.onnx", verify=False, release=True)
+    assert seen[1:] == [0]  # memory first: garbage made before the export is not kept
