@@ -55,7 +55,7 @@ def collector_frozen() -> Iterator[None]:
     phase itself allocated (which is still collected as usual); ``gc.unfreeze()`` puts them
     back, on any exit. Cycles among the old objects wait for the next full collection after
     exit, and that one may come sooner than it would have: a full collection inside counts only
-    the phase's survivors as long-lived. So about one full collection moves to after the phase
+    the phase's survivors as long-lived. So about one full collection moves to after the phase.
     Charging that one to the export, as ``benchmarks/bench_export.py`` does, an export of
     GPT-2 small takes 0.95x the time. Garbage made before entry (a merge's) is frozen too, so
     it stays until after the phase: +20 MB through a 2.2 GB model's export, which is why

@@ -8,7 +8,6 @@ fp16/bf16: merge in fp32, cast once, report the error against fp32.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -19,7 +18,7 @@ import uuid
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -291,7 +290,7 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
     extras: dict[str, Any] = {}
     # frozen: ~5% faster; not when memory is what counts (release): garbage made before the
     # export (the merge's) would stay through its peak (+20 MB on a 2.2 GB model)
-    with contextlib.nullcontext() if release else memory.collector_frozen():
+    with nullcontext() if release else memory.collector_frozen():
         if unmerged:
             from .onnx_unmerged import export_unmerged
             program, extras["lora_inputs"] = export_unmerged(module, args, dynamic_shapes,
@@ -445,10 +444,7 @@ def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.
 
     try:
         with _loadable(report.path, layout) as model_file:
-            try:
-                sess = runtime.open_session(model_file, providers, lean=lean)
-            except LoraFxError as err:
-                raise LoraFxError(str(err).replace(str(model_file), str(report.path))) from err
+            sess = runtime.open_session(model_file, providers, lean=lean)
     except LoraFxError as err:
         if dtype != "bf16" or "NOT_IMPLEMENTED" not in str(err):
             raise
@@ -473,8 +469,9 @@ def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.
 @contextmanager
 def _loadable(path: Path, layout: Layout | None) -> Iterator[Path]:
     """``path``, or for a file that ``write_model`` streamed, a temporary view of it written
-    beside it and removed on exit (ONNX Runtime has mapped the weights by then). Where the
-    view cannot be written (disk full), ``path`` itself."""
+    beside it and removed on exit (ONNX Runtime has mapped the weights by then); an error
+    naming the view names ``path`` instead. Where the view cannot be written (disk full),
+    ``path`` itself."""
     from .onnx_stream import external_view
 
     if layout is None:
@@ -482,11 +479,14 @@ def _loadable(path: Path, layout: Layout | None) -> Iterator[Path]:
         return
     view = fileio._temp_path(path.parent, path.name)
     try:
-        try:
-            view.write_bytes(external_view(layout, path))
-        except OSError:
-            yield path
-            return
+        view.write_bytes(external_view(layout, path))
+    except OSError:
+        view.unlink(missing_ok=True)
+        yield path
+        return
+    try:
         yield view
+    except LoraFxError as err:
+        raise LoraFxError(str(err).replace(str(view), str(path))) from err
     finally:
         view.unlink(missing_ok=True)
