@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-from conftest import tiny_gpt2, tmpfs, token_ids
+from conftest import randomize_lora, tiny_gpt2, tmpfs, token_ids
 from onnx import TensorProto, helper, numpy_helper
 
 import lora_fx
@@ -147,7 +147,8 @@ def anon():
 
 path, mode = Path(sys.argv[1]), sys.argv[2]
 raw = json.loads(path.with_suffix(".json").read_text())
-layout = Layout(bytes.fromhex(raw["head"]), [(bytes.fromhex(h), o, n) for h, o, n in raw["tensors"]])
+tensors = [(bytes.fromhex(h), o, n) for h, o, n in raw["tensors"]]
+layout = Layout(bytes.fromhex(raw["head"]), tensors)
 x = np.ones((1, 1024), dtype=np.float32)
 before = anon()
 with _loadable(path, layout if mode == "view" else None) as f:
@@ -200,6 +201,7 @@ def test_export_verifies_through_a_temporary_view(tmp_path: Path, monkeypatch: A
 
     gm = lora_fx.inject(tiny_gpt2(), (token_ids(),), lora_fx.LoraConfig(r=2, target_modules=[
         "c_attn"]))
+    randomize_lora(gm)  # B != 0: the verified file holds merged weights that differ from W
     opened: list[Path] = []
     real = runtime.open_session
 
