@@ -40,12 +40,14 @@ def test_collector_frozen_thaws_when_the_phase_raises() -> None:
 
 def test_collector_frozen_leaves_a_callers_freeze_alone() -> None:
     """A process that froze its own objects (a pre-fork server) keeps them frozen."""
+    mine = [_Node() for _ in range(100)]
     gc.freeze()
     try:
-        count = gc.get_freeze_count()
         with memory.collector_frozen():
             pass
-        assert gc.get_freeze_count() == count
+        # still frozen (an unfreeze would make it 0); frozen objects that die meanwhile
+        # leave the count, so it is not compared exactly
+        assert gc.get_freeze_count() >= len(mine)
     finally:
         gc.unfreeze()
 
