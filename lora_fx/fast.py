@@ -212,12 +212,13 @@ def captured_program(gm: nn.Module, module: nn.Module) -> Any | None:
 def export_program(program: Any, opset: int | None = None) -> Any:
     """``torch.onnx.export`` of an ExportedProgram (dynamo, optimized), actionable errors."""
     from .onnx_export import quiet_exporter
+    from .onnxscript_rules import op_type_first
 
     kwargs: dict[str, Any] = {"dynamo": True, "verbose": False, "optimize": True}
     if opset is not None:
         kwargs["opset_version"] = opset
     try:
-        with quiet_exporter():
+        with quiet_exporter(), op_type_first():
             return torch.onnx.export(program, (), **kwargs)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
 import uuid
 import warnings
@@ -30,6 +29,7 @@ from torch.utils import _pytree as pytree
 from . import fileio, memory
 from .errors import LoraFxError, LoraFxWarning
 from .fileio import check_writable_dir
+from .onnxscript_rules import forget_rewriter_state, op_type_first
 
 if TYPE_CHECKING:
     from .onnx_stream import Layout
@@ -97,31 +97,6 @@ def initializer_bytes(model: Any) -> int:
                if v.const_value is not None)
 
 
-def forget_rewriter_state() -> None:
-    """Let the last export's graph (and every weight it references) be freed.
-
-    onnxscript's rewrite rules are module-level objects whose matchers keep the last graph they
-    matched: after ``torch.onnx.export(optimize=True)`` the whole model stays alive until the
-    next export. For a big model that is a second copy held while ONNX Runtime verifies.
-    """
-    try:
-        from onnxscript.rewriter._matcher import SimplePatternMatcher
-        from onnxscript.rewriter._rewrite_rule import RewriteRule, RewriteRuleSet
-    except ImportError:  # another onnxscript layout: nothing known to reset
-        return
-    for name, mod in list(sys.modules.items()):
-        if mod is None or not name.startswith("onnxscript."):
-            continue
-        for value in list(vars(mod).values()):
-            rules = [value] if isinstance(value, RewriteRule) else \
-                list(value.rules) if isinstance(value, RewriteRuleSet) else []
-            for rule in rules:
-                matcher = getattr(rule, "_matcher", None)
-                if isinstance(matcher, SimplePatternMatcher):
-                    for attr in ("_graph", "_current_node", "_match"):
-                        setattr(matcher, attr, None)
-
-
 def flat_outputs(out: Any) -> list[torch.Tensor]:
     """PyTorch outputs flattened as the exporter flattens them (tensors only)."""
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
@@ -159,7 +134,7 @@ def to_onnx(module: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: 
     was_training = module.training
     module.eval()
     try:
-        with quiet_exporter():
+        with quiet_exporter(), op_type_first():
             return torch.onnx.export(module, tuple(example_inputs), **kwargs)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
