@@ -3,7 +3,9 @@
 - inject: ``lora_fx.inject`` (capture + match + inject) vs ``peft.get_peft_model``;
 - merge + export: ``lora_fx.export_onnx(gm, merge=True)`` (fold, export, save) vs PEFT's
   ``merge_and_unload()`` + ``torch.onnx.export(dynamo=True)`` + save, with the same dynamic
-  batch and sequence axes (``peft-static``: PEFT's export with fixed shapes, the default call);
+  batch and sequence axes (``peft-static``: PEFT's export with fixed shapes, the default call;
+  ``peft-fixed``: PEFT's export with onnxscript's rules matched op type first, the fix lorafx's
+  exports run with, so that the rest of lorafx's gain shows on its own);
   both files are checked against PEFT's unmerged eager output (max |diff| in the row);
 - peak memory of merge + export, each in a fresh process;
 - adapter size: ``adapter_model.safetensors`` against the model's parameter bytes.
@@ -86,7 +88,12 @@ def export_cases(base: Any, gm: Any, tokens: Any, s: models.Spec, out: Path
         return lora_fx.export_onnx(gm, (tokens,), out / "lorafx.onnx", merge=True,
                                    verify=False)
 
-    def peft_case(dynamic: bool) -> Callable[[], Any]:
+    def peft_case(dynamic: bool, fixed: bool = False) -> Callable[[], Any]:
+        """``fixed``: onnxscript's rules matched op type first, as in lorafx's exports."""
+        from contextlib import nullcontext
+
+        from lora_fx.onnxscript_rules import op_type_first
+
         holder: dict[str, Any] = {}
 
         def prepare() -> None:
@@ -95,14 +102,17 @@ def export_cases(base: Any, gm: Any, tokens: Any, s: models.Spec, out: Path
         def run() -> Any:
             merged = holder.pop("pm").merge_and_unload()
             kw = {"dynamic_shapes": dynamic_axes()} if dynamic else {}
-            prog = torch.onnx.export(merged, (tokens,), dynamo=True, verbose=False, **kw)
-            prog.save(str(out / f"peft{'' if dynamic else '-static'}.onnx"))
+            with op_type_first() if fixed else nullcontext():
+                prog = torch.onnx.export(merged, (tokens,), dynamo=True, verbose=False, **kw)
+            name = "peft" + ("" if dynamic else "-static") + ("-fixed" if fixed else "")
+            prog.save(str(out / f"{name}.onnx"))
             return prog
 
         run.prepare = prepare  # type: ignore[attr-defined]
         return run
 
-    return {"lorafx": lorafx_case, "peft": peft_case(True), "peft-static": peft_case(False)}
+    return {"lorafx": lorafx_case, "peft": peft_case(True), "peft-static": peft_case(False),
+            "peft-fixed": peft_case(True, fixed=True)}
 
 
 def _collected(fn: Callable[[], Any]) -> None:
@@ -212,7 +222,7 @@ def run(quick: bool, kinds: list[str], reps: int, memory: bool) -> list[common.R
             out = Path(tmp)
             cases = export_cases(base, gm, tokens, s, out)
             if quick:
-                del cases["peft-static"]
+                del cases["peft-static"], cases["peft-fixed"]
             t = time_exports(cases, reps, warm=not quick)
             diffs = check_files(gm, base, tokens, s, out)
             size, model_bytes = adapter_sizes(gm, base, out)
@@ -225,6 +235,12 @@ def run(quick: bool, kinds: list[str], reps: int, memory: bool) -> list[common.R
             rows.append(common.row("merge+export", s.name, "lorafx export_onnx(merge=True)",
                                    "peft ... torch.onnx.export (static shapes)", t["lorafx"],
                                    t["peft-static"], note="PEFT file has fixed shapes"))
+        if "peft-fixed" in t:
+            rows.append(common.row(
+                "merge+export", s.name, "lorafx export_onnx(merge=True)",
+                "peft ... torch.onnx.export (onnxscript matched op type first)", t["lorafx"],
+                t["peft-fixed"], note="PEFT's export given lorafx's fix of onnxscript's "
+                "matcher (lora_fx.onnxscript_rules): what lorafx's own path adds"))
         rows.append(common.row("adapter size", s.name, "adapter_model.safetensors",
                                "model parameters", [size], [model_bytes], metric="bytes",
                                note=f"r={R}, targets {','.join(s.targets)}"))
