@@ -17,6 +17,7 @@ without them).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ def _rules() -> Iterator[Any]:
                     yield rule
 
 
+@functools.cache
 def _op_type_first_class() -> type | None:
     """A ``SimplePatternMatcher`` that rejects a node whose op type or domain differs from the
     pattern's first output node before setting up a match (the check ``NodePattern.matches``
