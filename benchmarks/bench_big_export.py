@@ -9,13 +9,16 @@ Each variant runs in its own process (peak RSS is per process), on the same rand
   external_data=True)``; no verification (the issue's reference figure: 1.29x).
 - ``peft-verify``: the same, then what a user does to check the file: the merged model is
   deleted and ONNX Runtime (default session) runs the file once.
+- ``peft-dynamic``: ``peft`` with batch and sequence axes dynamic (``Dim.AUTO``), the file
+  lorafx writes: the like-for-like reference (symbolic shapes cost the exporter memory).
 - ``lorafx``: ``lora_fx.inject`` + ``merge`` (copy-on-write) + ``export_onnx(verify=True)``,
   the default path: the model and ONNX Runtime's session are alive together while verifying.
-- ``lorafx-lowmem``: ``merge(inplace=True)`` (folded into the existing tensors), then
-  ``export_onnx(release=True)``: PyTorch's outputs are kept, the weights freed, then ONNX
-  Runtime verifies (a lean session: no weight prepacking): at no point are two copies of
-  the weights alive. ``lorafx-lowmem-noverify``: the same without verification (the work
-  ``peft`` does).
+- ``lorafx-lowmem``: exactly what ``lorafx export --merge`` calls, ``export_onnx(gm,
+  merge=True, release=True, model=model)``: the branches are folded into the existing tensors,
+  the program captured at inject time is exported, PyTorch's outputs are kept, the weights
+  freed, then ONNX Runtime verifies (a lean session: no weight prepacking): at no point are two
+  copies of the weights alive. ``lorafx-lowmem-noverify``: the same without verification (the
+  work ``peft`` does).
 
 Prints one JSON object: per variant the peak RSS and its multiple of the weights' bytes, the
 peak after the model is built (``pipeline_peak_x_weights``: what inject/merge/export/verify
@@ -36,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("peft", "peft-verify", "lorafx", "lorafx-lowmem", "lorafx-lowmem-noverify")
+VARIANTS = ("peft", "peft-verify", "peft-dynamic", "lorafx", "lorafx-lowmem",
+            "lorafx-lowmem-noverify")
 
 
 class Phases:
@@ -106,7 +110,9 @@ def run_peft(args: argparse.Namespace, ph: Phases, ids: Any, path: Path) -> dict
     ph.mark("injected")
     merged = pm.merge_and_unload().eval()
     ph.mark("merged")
-    torch.onnx.export(merged, (ids,), str(path), dynamo=True, external_data=True)
+    auto = torch.export.Dim.AUTO
+    dynamic = {"dynamic_shapes": ({0: auto, 1: auto},)} if args.child == "peft-dynamic" else {}
+    torch.onnx.export(merged, (ids,), str(path), dynamo=True, external_data=True, **dynamic)
     ph.mark("exported")
     weights = weight_bytes(merged)
     if args.child == "peft-verify":
@@ -134,17 +140,16 @@ def run_lorafx(args: argparse.Namespace, ph: Phases, ids: Any, path: Path,
                                                           target_modules=["c_attn"]))
     randomize([(b.lora_A.weight, b.lora_B.weight) for b in lora_fx.branches(gm).values()])
     ph.mark("injected")
-    merged = lora_fx.merge(gm, inplace=lowmem)
-    ph.mark("merged")
     if not lowmem:
+        merged = lora_fx.merge(gm)
+        ph.mark("merged")
         report = export_onnx(merged, (ids,), path, merge=False, verify=True)
         ph.mark("exported+verified")
         return {"weights": weights, "max_abs_diff": report.max_abs_diff,
                 "external_data": report.external_data}
-    del model, gm  # only the merged module (which shares the weights) is kept
     verify = args.child != "lorafx-lowmem-noverify"
-    report = export_onnx(merged, (ids,), path, merge=False, verify=verify, release=True)
-    ph.mark("exported+released+verified")
+    report = export_onnx(gm, (ids,), path, merge=True, verify=verify, release=True, model=model)
+    ph.mark("merged+exported+released+verified")
     return {"weights": weights, "max_abs_diff": report.max_abs_diff,
             "external_data": report.external_data}
 
