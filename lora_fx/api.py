@@ -19,6 +19,7 @@ from .branches import LoraBranch, LoraFused
 from .capture import CAPTURE_KEY, capture
 from .config import LoraConfig
 from .errors import LoraFxError
+from .fast import PROGRAM_KEY, weightless
 from .passes.inject import inject_pass
 from .passes.merge import merge_pass
 from .passes.runner import run_pass
@@ -148,6 +149,9 @@ def merge(gm: nn.Module, inplace: bool = False) -> fx.GraphModule:
     own storage, one site at a time: the user's model then holds W' too, and ``gm`` refuses to
     run (it would add the branches twice; its adapter can still be saved). Weights that other
     ops also read (ties) are copied as without ``inplace``.
+
+    The result carries the capture's program without its weights (``fast.weightless``), so
+    ``export_onnx(merged, merge=False)`` exports it without tracing the model again.
     """
     if not isinstance(gm, fx.GraphModule):
         raise LoraFxError("merge expects the GraphModule returned by lora_fx.inject")
@@ -155,6 +159,8 @@ def merge(gm: nn.Module, inplace: bool = False) -> fx.GraphModule:
     graph = _copy_graph(gm.graph)
     new = fx.GraphModule(gm, graph)
     new.meta[CAPTURE_KEY] = gm.meta.get(CAPTURE_KEY, "export")
+    if PROGRAM_KEY in gm.meta:  # export_onnx(new) then reuses the capture's graph
+        new.meta[PROGRAM_KEY] = weightless(gm.meta[PROGRAM_KEY])
     if state is not None:
         for name in state.saved:  # modules_to_save copies are part of the merged model
             set_attr_cow(new, name, gm.get_submodule(name))

@@ -202,11 +202,32 @@ def captured_program(gm: nn.Module, module: nn.Module) -> Any | None:
         if new.shape != old.shape or new.dtype != old.dtype:
             return None
         state[key] = new
+    return _with_state(program, state)
+
+
+def _with_state(program: Any, state: dict[str, Any]) -> Any:
+    """``program`` (an ExportedProgram) with ``state`` as its state dict; graph shared."""
     return torch.export.ExportedProgram(
-        root=program.graph_module, graph=program.graph, graph_signature=sig, state_dict=state,
-        range_constraints=program.range_constraints,
+        root=program.graph_module, graph=program.graph, graph_signature=program.graph_signature,
+        state_dict=state, range_constraints=program.range_constraints,
         module_call_graph=program.module_call_graph, example_inputs=program.example_inputs,
         constants=program.constants, verifiers=[program.verifier])
+
+
+def weightless(program: Any) -> Any:
+    """``program`` with every weight a meta tensor of the same shape and dtype.
+
+    A merged module carries this instead of the capture's program: ``captured_program`` only
+    compares shapes and dtypes and swaps the module's own weights in, so the merged module can
+    be exported without a second trace, and the unmerged weights are not kept alive by it.
+    """
+    def meta(value: torch.Tensor) -> torch.Tensor:
+        empty = value.detach().to("meta")
+        if isinstance(value, nn.Parameter):
+            return nn.Parameter(empty, requires_grad=value.requires_grad)
+        return empty
+
+    return _with_state(program, {k: meta(v) for k, v in program.state_dict.items()})
 
 
 def export_program(program: Any, opset: int | None = None) -> Any:

@@ -145,7 +145,53 @@ def test_captured_program_refuses_untied_merge() -> None:
     ids = token_ids()
     gm = lora_fx.inject(base, (ids,), lora_fx.LoraConfig(r=4, target_modules=["lm_head"]))
     randomize_lora(gm)
-    assert captured_program(gm, lora_fx.merge(gm)) is None
+    merged = lora_fx.merge(gm)
+    assert captured_program(gm, merged) is None
+    assert captured_program(merged, merged) is None      # its carried program: refused too
+
+
+def test_merged_module_exports_without_a_second_trace(tmp_path: Path) -> None:
+    """merge(gm) carries the capture's graph without its weights: export_onnx(merged,
+    merge=False) traces nothing, matches PEFT's unmerged model (random B) on another shape,
+    and the carried program keeps no unmerged weight alive."""
+    import gc
+    import weakref
+
+    from lora_fx import runtime
+    from lora_fx.passes.state import get_state
+
+    base = tiny_gpt2()
+    ids = token_ids()
+    gm = lora_fx.inject(base, (ids,), lora_fx.LoraConfig(r=4, lora_alpha=8,
+                                                         target_modules=["c_attn"]))
+    randomize_lora(gm, seed=2)
+    probe = token_ids(3, 11, seed=5)
+    pm = peft_model_like(base, gm, r=4, lora_alpha=8, target_modules=["c_attn"])
+    want = _logits(pm(probe)).detach().numpy()
+    merged = lora_fx.merge(gm)
+    assert all(t.is_meta for t in merged.meta[PROGRAM_KEY].state_dict.values())
+    state = get_state(gm)
+    assert state is not None
+    unmerged = [weakref.ref(gm.get_parameter(rec.weight)) for rec in state.sites.values()]
+    del gm, base, state
+    gc.collect()
+    assert all(ref() is None for ref in unmerged)
+    traced = []
+    real = torch.export.export
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        traced.append(1)
+        return real(*args, **kwargs)
+
+    torch.export.export = spy  # type: ignore[assignment]
+    try:
+        report = lora_fx.export_onnx(merged, (ids,), tmp_path / "m.onnx", merge=False)
+    finally:
+        torch.export.export = real  # type: ignore[assignment]
+    assert not traced, "export_onnx traced the merged module again"
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+    got = runtime.run(runtime.open_session(report.path), (probe,))[0]
+    assert np.abs(got - want).max() <= 1e-4
 
 
 @pytest.mark.slow
