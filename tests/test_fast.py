@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,23 @@ def test_lora_addmm_is_y_plus_scaled_product() -> None:
     torch.testing.assert_close(lora_addmm(y, xa, b, 0.5), y + 0.5 * (xa @ b.t()))
 
 
+@contextmanager
+def _traces() -> Iterator[list[int]]:
+    """Records each torch.export.export call made inside (a second trace shows up here)."""
+    traced: list[int] = []
+    real = torch.export.export
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        traced.append(1)
+        return real(*args, **kwargs)
+
+    torch.export.export = spy  # type: ignore[assignment]
+    try:
+        yield traced
+    finally:
+        torch.export.export = real  # type: ignore[assignment]
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Tiny GPT-2: merged export through the captured program, and the base export."""
@@ -99,18 +118,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                                          target_modules=["c_attn"]))
     randomize_lora(gm, seed=1)
     out = tmp_path_factory.mktemp("fast")
-    traced = []
-    real = torch.export.export
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        traced.append(1)
-        return real(*args, **kwargs)
-
-    torch.export.export = spy  # type: ignore[assignment]
-    try:
+    with _traces() as traced:
         merged = lora_fx.export_onnx(gm, (ids,), out / "m.onnx", merge=True)
-    finally:
-        torch.export.export = real  # type: ignore[assignment]
     base_gm = lora_fx.capture(base, (ids,))
     base_rep = lora_fx.export_onnx(base_gm, (ids,), out / "b.onnx")
     return {"base": base, "gm": gm, "merged": merged, "base_rep": base_rep, "traced": traced}
@@ -176,18 +185,8 @@ def test_merged_module_exports_without_a_second_trace(tmp_path: Path) -> None:
     del gm, base, state
     gc.collect()
     assert all(ref() is None for ref in unmerged)
-    traced = []
-    real = torch.export.export
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        traced.append(1)
-        return real(*args, **kwargs)
-
-    torch.export.export = spy  # type: ignore[assignment]
-    try:
+    with _traces() as traced:
         report = lora_fx.export_onnx(merged, (ids,), tmp_path / "m.onnx", merge=False)
-    finally:
-        torch.export.export = real  # type: ignore[assignment]
     assert not traced, "export_onnx traced the merged module again"
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
     got = runtime.run(runtime.open_session(report.path), (probe,))[0]
