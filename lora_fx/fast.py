@@ -178,13 +178,15 @@ def _only_known_modules(gm: fx.GraphModule) -> bool:
                or str(n.target).startswith("lorafx_dropout_") for n in gm.graph.nodes)
 
 
-def captured_program(gm: nn.Module, module: nn.Module) -> Any | None:
-    """The program captured for ``gm`` with ``module``'s weights, if ``module`` is that graph.
+def captured_program(module: nn.Module) -> Any | None:
+    """The program captured for ``module`` with ``module``'s own weights, if its graph is still
+    the captured one.
 
-    ``module``: ``gm`` merged (or ``gm`` itself when it has no branches). None when there is no
-    captured program or the graph or its weights differ from the capture's.
+    ``module``: a capture without branches, or an injected model merged (``lora_fx.merge``
+    carries the program over, ``weightless``). None when there is no captured program or the
+    graph or its weights differ from the capture's.
     """
-    program = getattr(gm, "meta", {}).get(PROGRAM_KEY)
+    program = getattr(module, "meta", {}).get(PROGRAM_KEY)
     if program is None or not isinstance(module, fx.GraphModule) or \
             not _only_known_modules(module):
         return None
@@ -228,20 +230,3 @@ def weightless(program: Any) -> Any:
         return empty
 
     return _with_state(program, {k: meta(v) for k, v in program.state_dict.items()})
-
-
-def export_program(program: Any, opset: int | None = None) -> Any:
-    """``torch.onnx.export`` of an ExportedProgram (dynamo, optimized), actionable errors."""
-    from .onnx_export import quiet_exporter
-    from .onnxscript_rules import op_type_first
-
-    kwargs: dict[str, Any] = {"dynamo": True, "verbose": False, "optimize": True}
-    if opset is not None:
-        kwargs["opset_version"] = opset
-    try:
-        with quiet_exporter(), op_type_first():
-            return torch.onnx.export(program, (), **kwargs)
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise LoraFxError(f"ONNX export failed: {type(err).__name__}: {first}; try another "
-                          "--opset or report the model") from err

@@ -118,11 +118,14 @@ def quiet_exporter() -> Iterator[None]:
         folding.setLevel(level)
 
 
-def to_onnx(module: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: Any = None,
-            opset: int | None = None, translations: dict[Any, Any] | None = None) -> Any:
+def to_onnx(model: nn.Module | torch.export.ExportedProgram, example_inputs: tuple[Any, ...],
+            dynamic_shapes: Any = None, opset: int | None = None,
+            translations: dict[Any, Any] | None = None) -> Any:
     """torch.onnx.export(dynamo=True) → ONNXProgram, with actionable errors.
 
-    ``translations``: the exporter's ``custom_translation_table`` (op → onnxscript function).
+    ``model``: a module (exported in eval mode, its mode restored after) or an ExportedProgram
+    (exported as it is; ``example_inputs`` then ``()``). ``translations``: the exporter's
+    ``custom_translation_table`` (op → onnxscript function).
     """
     kwargs: dict[str, Any] = {"dynamo": True, "verbose": False, "optimize": True}
     if opset is not None:
@@ -131,17 +134,20 @@ def to_onnx(module: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: 
         kwargs["custom_translation_table"] = translations
     if dynamic_shapes is not None:
         kwargs["dynamic_shapes"] = dynamic_shapes
-    was_training = module.training
-    module.eval()
+    module = model if isinstance(model, nn.Module) else None
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
     try:
         with quiet_exporter(), op_type_first():
-            return torch.onnx.export(module, tuple(example_inputs), **kwargs)
+            return torch.onnx.export(model, tuple(example_inputs), **kwargs)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise LoraFxError(f"ONNX export failed: {type(err).__name__}: {first}; try another "
                           "--opset or report the model") from err
     finally:
-        module.train(was_training)
+        if module is not None:
+            module.train(was_training)
 
 
 def save_program(program: Any, path: Path, external_data: bool | None = None
@@ -257,9 +263,9 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
     if dtype is not None:
         args = cast_inputs(args, dtype)
         module = lowered(gm, module, unmerged, dtype, args, model, dynamic_shapes)
-    from .fast import captured_program, export_program
+    from .fast import captured_program
     reuse = None if unmerged or dtype is not None or dynamic_shapes is not None \
-        else captured_program(gm, module)  # the capture's own program: no second trace
+        else captured_program(module)  # the capture's own program: no second trace
     if dynamic_shapes is None and isinstance(module, fx.GraphModule):
         dynamic_shapes = _auto(args)
     extras: dict[str, Any] = {}
@@ -271,7 +277,7 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
             program, extras["lora_inputs"] = export_unmerged(module, args, dynamic_shapes,
                                                              opset)
         elif reuse is not None:
-            program = export_program(reuse, opset)
+            program = to_onnx(reuse, (), opset=opset)
         else:
             program = to_onnx(module, args, dynamic_shapes, opset)
     memory.trim()  # what tracing and translating freed: not resident while saving
