@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,6 @@ def export_cases(base: Any, gm: Any, tokens: Any, s: models.Spec, out: Path
 
     def peft_case(dynamic: bool, fixed: bool = False) -> Callable[[], Any]:
         """``fixed``: onnxscript's rules matched op type first, as in lorafx's exports."""
-        from contextlib import nullcontext
-
         from lora_fx.onnxscript_rules import op_type_first
 
         holder: dict[str, Any] = {}
