@@ -7,7 +7,15 @@ Cases (each with the same LoRA, A and B random and non-zero):
 - ``ort merged+fused``: the merged file after ``lora_fx.ort_optimize.optimize_onnx``
   (ONNX Runtime's transformer fusions), checked equal to the plain file;
 - ``ort unmerged``: ``export_onnx(merge=False)``, branches kept in the graph;
-- ``eager merged``: lorafx's merged GraphModule; ``eager peft``: PEFT's unmerged model.
+- ``eager merged``: lorafx's merged GraphModule; ``eager peft``: PEFT's unmerged model;
+- ``fp32 GEMM peak``: the forward's FLOPs (torch's FLOP counter) as square 1024² ``torch.mm``
+  calls, timed beside the cases and scaled to exactly those FLOPs: the time of a forward that
+  ran every FLOP at the BLAS's best rate. ``ort merged / fp32 GEMM peak`` near 1 means no graph
+  optimization can make the file much faster; the ratio of the two ``/ peak`` rows bounds what
+  ONNX Runtime can gain over eager.
+
+The target row (ONNX Runtime at least 2x eager at batch 1) is the plain merged file, the one
+``lorafx export`` writes; the fused file is reported beside it.
 
 Every ONNX file is checked against PEFT's eager output before it is timed. Times are per
 forward pass, the median over interleaved repeats of a loop of calls.
@@ -94,6 +102,34 @@ def check(cases: dict[str, Callable[[], Any]], files: dict[str, Path]) -> dict[s
             for name in files}
 
 
+PEAK = "fp32 GEMM peak"
+PEAK_SIZE = 1024  # square torch.mm that runs at this machine's fp32 GEMM peak
+
+
+def forward_flops(call: Callable[[], Any]) -> float:
+    """FLOPs of one forward (matrix products and attention, as torch's FLOP counter counts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return float(counter.get_total_flops())
+
+
+def gemm_at_peak(flops: float) -> tuple[Callable[[], Any], float]:
+    """(square fp32 GEMMs of about ``flops`` FLOPs, the factor that makes their time exactly
+    ``flops``'s): the time this forward's FLOPs take at the rate the BLAS reaches on large
+    matrices, timed beside the cases."""
+    import torch
+
+    a, b = torch.randn(PEAK_SIZE, PEAK_SIZE), torch.randn(PEAK_SIZE, PEAK_SIZE)
+    reps = max(1, round(flops / (2 * PEAK_SIZE ** 3)))
+
+    def run() -> None:
+        for _ in range(reps):
+            torch.mm(a, b)
+    return run, flops / (reps * 2 * PEAK_SIZE ** 3)
+
+
 def loop(fn: Callable[[], Any], n: int) -> Callable[[], Any]:
     def run() -> None:
         for _ in range(n):
@@ -117,21 +153,23 @@ def run(quick: bool, kinds: list[str], reps: int, shapes: list[tuple[int, int]]
                 tokens = models.ids(s, batch, seq, seed=batch)
                 cases = forward_cases(base, gm, pm, files, tokens)
                 diffs = check(cases, files)
+                flops = forward_flops(cases["eager merged"])
+                cases[PEAK], scale = gemm_at_peak(flops)
                 n = 2 if quick else max(1, 8 // batch)
                 t = common.interleaved({k: loop(f, n) for k, f in cases.items()}, reps)
-                t = {k: [x / n for x in v] for k, v in t.items()}
-                rows.extend(_rows(s, batch, seq, t, diffs))
+                t = {k: [x / n * (scale if k == PEAK else 1) for x in v] for k, v in t.items()}
+                rows.extend(_rows(s, batch, seq, t, diffs, flops))
     return rows
 
 
 def _rows(s: models.Spec, batch: int, seq: int, t: dict[str, list[float]],
-          diffs: dict[str, float]) -> list[common.Row]:
+          diffs: dict[str, float], flops: float) -> list[common.Row]:
     shape = f"batch {batch} x seq {seq}"
     out = []
     for case, base_name, target in (
             ("ort merged", "ort base", "<= 1.05"),
-            ("ort merged+fused", "eager merged", "<= 0.5" if batch == 1 else None),
-            ("ort merged", "eager merged", None),
+            ("ort merged", "eager merged", "<= 0.5" if batch == 1 else None),
+            ("ort merged+fused", "eager merged", None),
             ("ort merged+fused", "ort merged", None),
             ("ort unmerged", "ort merged", None),
             ("ort merged", "eager peft", None),
@@ -140,6 +178,10 @@ def _rows(s: models.Spec, batch: int, seq: int, t: dict[str, list[float]],
         if case in t and base_name in t:
             out.append(common.row("latency", s.name, case, base_name, t[case], t[base_name],
                                   target=target, note=shape, max_abs_diff=diffs))
+    for case in ("ort merged", "eager merged"):  # how far from the fastest possible forward
+        out.append(common.row("latency vs GEMM peak", s.name, case, PEAK, t[case], t[PEAK],
+                              note=f"{shape}; {flops / 1e9:.2f} GFLOP at the rate of a "
+                              f"{PEAK_SIZE}x{PEAK_SIZE} torch.mm", gflop=flops / 1e9))
     return out
 
 

@@ -11,7 +11,8 @@ A step is ``zero_grad; loss = CE(model(ids)); loss.backward(); AdamW.step()``. V
 - ``frozen``: the floor of any LoRA implementation: the base model with nothing trainable,
   its forward and a backward through every block (the first block's input made to require
   grad), no optimizer: the GEMMs every LoRA step runs whatever the LoRA code does;
-- ``*-compiled`` (``--compile``): ``torch.compile`` of the lorafx graph and of the PEFT model.
+- ``*-compiled`` (``--compile``): ``torch.compile`` of the lorafx graph, of the PEFT model and
+  of the frozen floor (the floor of any compiled LoRA step).
 
 Time: interleaved repeats in one process. Memory (``--memory``): one fresh process per variant,
 peak resident memory added over two steps (activations, gradients, optimizer state).
@@ -173,13 +174,13 @@ def run(quick: bool, kinds: list[str], reps: int, compile_: bool, memory: bool,
     seq = seq or (16 if quick else 128)
     names = ["lorafx", "lorafx-fused", "lorafx-fast", "peft", "full", "frozen"]
     if compile_:
-        names += ["lorafx-fast-compiled", "peft-compiled"]
+        names += ["lorafx-fast-compiled", "peft-compiled", "frozen-compiled"]
     for kind in kinds:
         s = models.spec(kind, quick)
         res = time_variants(s, names, batch, seq, reps)
         t, losses = res["times"], res["losses"]
         agree = max(abs(losses[n] - losses["peft"]) for n in names
-                    if n not in ("full", "frozen"))
+                    if n.removesuffix("-compiled") not in ("full", "frozen"))
         shape = f"batch {batch} x seq {seq}, r={R}, targets {','.join(s.targets)}"
         for case, base_name, target in (
                 ("lorafx-fast", "peft", "<= 0.95"), ("lorafx", "peft", None),
@@ -187,7 +188,9 @@ def run(quick: bool, kinds: list[str], reps: int, compile_: bool, memory: bool,
                 ("lorafx", "full", None), ("peft", "full", None), ("frozen", "peft", None),
                 ("lorafx-fast", "frozen", None),
                 ("lorafx-fast-compiled", "peft-compiled", "<= 0.95"),
-                ("lorafx-fast-compiled", "lorafx-fast", None)):
+                ("lorafx-fast-compiled", "lorafx-fast", None),
+                ("frozen-compiled", "peft-compiled", None),
+                ("lorafx-fast-compiled", "frozen-compiled", None)):
             if case in t and base_name in t:
                 rows.append(common.row("train step", s.name, case, base_name, t[case],
                                        t[base_name], target=target, note=shape,
