@@ -9,8 +9,10 @@ A step is ``zero_grad; loss = CE(model(ids)); loss.backward(); AdamW.step()``. V
 - ``lorafx-fast``: ``lora_fx.fast.training_graph`` (branches fused and the written-out tanh
   GELU as one kernel), the graph lorafx trains with;
 - ``frozen``: the floor of any LoRA implementation: the base model with nothing trainable,
-  its forward and a backward through every block (the first block's input made to require
-  grad), no optimizer: the GEMMs every LoRA step runs whatever the LoRA code does;
+  each target module's output made to require grad (as a LoRA branch makes it), so that the
+  backward runs exactly where a LoRA step's must: into every target and, through the frozen
+  weights, into every input that depends on an earlier target. No optimizer. These are the
+  GEMMs every LoRA step runs whatever the LoRA code does;
 - ``*-compiled`` (``--compile``): ``torch.compile`` of the lorafx graph, of the PEFT model and
   of the frozen floor (the floor of any compiled LoRA step).
 
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import models  # noqa: E402
+import torch  # noqa: E402
 
 R, ALPHA = 8, 16
 
@@ -47,8 +50,11 @@ def make_variant(name: str, base: Any, tokens: Any, s: models.Spec) -> tuple[Any
         model = copy.deepcopy(base).train()
         for p in model.parameters():
             p.requires_grad_(False)
-        blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
-        blocks[0].register_forward_pre_hook(_require_grad, with_kwargs=True)
+        anchor = torch.zeros((), requires_grad=True)
+        for path, module in model.named_modules():
+            if path.rsplit(".", 1)[-1] in s.targets:
+                module.register_forward_hook(
+                    lambda mod, args, out, anchor=anchor: _NeedsGrad.apply(out, anchor))
         params = []
     elif kind == "full":
         model = copy.deepcopy(base).train()
@@ -79,9 +85,17 @@ def make_variant(name: str, base: Any, tokens: Any, s: models.Spec) -> tuple[Any
     return model, params
 
 
-def _require_grad(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Forward pre-hook: the block's hidden-state input requires grad (a copy of it)."""
-    return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+class _NeedsGrad(torch.autograd.Function):
+    """Identity on ``x`` whose output requires grad (``anchor`` does); its backward passes the
+    gradient on to ``x`` unchanged, and ``x``'s own graph decides what runs below it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
 
 
 def _randomize(variants: dict[str, tuple[Any, list[Any]]]) -> None:
