@@ -86,16 +86,18 @@ def make_variant(name: str, base: Any, tokens: Any, s: models.Spec) -> tuple[Any
 
 
 class _NeedsGrad(torch.autograd.Function):
-    """Identity on ``x`` whose output requires grad (``anchor`` does); its backward passes the
-    gradient on to ``x`` unchanged, and ``x``'s own graph decides what runs below it."""
+    """Identity on ``x`` whose output requires grad (``anchor`` does). Its backward passes the
+    gradient on to ``x`` unchanged, and gives ``anchor`` the gradient's sum: under
+    ``torch.compile`` only what a leaf's gradient depends on is computed, and this makes that
+    every target output's gradient, as in a LoRA step (one reduction per target is the cost)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, grad.sum()
 
 
 def _randomize(variants: dict[str, tuple[Any, list[Any]]]) -> None:
