@@ -41,7 +41,6 @@ R, ALPHA = 8, 16
 
 def make_variant(name: str, base: Any, tokens: Any, s: models.Spec) -> tuple[Any, list[Any]]:
     """(module to call, trainable parameters) of variant ``name``; ``base`` is not modified."""
-    import torch
 
     import lora_fx
 
@@ -102,7 +101,6 @@ class _NeedsGrad(torch.autograd.Function):
 
 def _randomize(variants: dict[str, tuple[Any, list[Any]]]) -> None:
     """Same non-zero A and B in every LoRA variant (B = 0 would hide a wrong branch)."""
-    import torch
 
     import lora_fx
 
@@ -129,7 +127,6 @@ def _randomize(variants: dict[str, tuple[Any, list[Any]]]) -> None:
 
 
 def step_fn(model: Any, params: list[Any], tokens: Any) -> Callable[[], float]:
-    import torch
 
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
 
@@ -148,7 +145,6 @@ def step_fn(model: Any, params: list[Any], tokens: Any) -> Callable[[], float]:
 def time_variants(s: models.Spec, names: list[str], batch: int, seq: int, reps: int
                   ) -> dict[str, Any]:
     """Interleaved step times, and the first-step loss of each variant (must agree)."""
-    import torch
 
     base = models.build(s)
     tokens = models.ids(s, batch, seq)
