@@ -134,20 +134,28 @@ def to_onnx(model: nn.Module | torch.export.ExportedProgram, example_inputs: tup
         kwargs["custom_translation_table"] = translations
     if dynamic_shapes is not None:
         kwargs["dynamic_shapes"] = dynamic_shapes
-    module = model if isinstance(model, nn.Module) else None
-    was_training = module is not None and module.training
-    if module is not None:
-        module.eval()
     try:
-        with quiet_exporter(), op_type_first():
+        with eval_mode(model), quiet_exporter(), op_type_first():
             return torch.onnx.export(model, tuple(example_inputs), **kwargs)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise LoraFxError(f"ONNX export failed: {type(err).__name__}: {first}; try another "
                           "--opset or report the model") from err
+
+
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """``model`` in eval mode inside the block, its own mode restored after (also on error);
+    anything that is not a module (an ExportedProgram) is left as it is."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
-        if module is not None:
-            module.train(was_training)
+        model.train(was_training)
 
 
 def save_program(program: Any, path: Path, external_data: bool | None = None
@@ -376,13 +384,8 @@ def cast_inputs(args: tuple[Any, ...], dtype: str) -> tuple[Any, ...]:
 
 def forward(module: nn.Module, args: tuple[Any, ...]) -> list[torch.Tensor]:
     """``module(*args)`` in eval mode without grad, outputs flattened; the mode is restored."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            return flat_outputs(module(*args))
-    finally:
-        module.train(was_training)
+    with eval_mode(module), torch.no_grad():
+        return flat_outputs(module(*args))
 
 
 def torch_max_diff(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
