@@ -131,7 +131,7 @@ def run_peft(args: argparse.Namespace, ph: Phases, ids: Any, path: Path) -> dict
 def run_lorafx(args: argparse.Namespace, ph: Phases, ids: Any, path: Path,
                lowmem: bool) -> dict[str, Any]:
     import lora_fx
-    from lora_fx.onnx_export import export_onnx
+    from lora_fx.api import export_onnx
 
     model = build(args.layers, args.d)
     weights = weight_bytes(model)

@@ -67,8 +67,8 @@ def export_all(args: argparse.Namespace, tmp: Path) -> dict[str, Path]:
     import torch
 
     import lora_fx
-    from lora_fx.onnx_export import export_onnx
-    from lora_fx.ort_adapters import convert_adapter
+    from lora_fx.api import export_onnx
+    from lora_fx.ort.adapters import convert_adapter
 
     model = build(args.layers, args.d, args.vocab, args.positions)
     ids = torch.randint(1, args.vocab, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -107,7 +107,7 @@ def stats(times: list[float]) -> dict[str, float]:
 def measure(files: dict[str, Path], args: argparse.Namespace) -> list[dict[str, Any]]:
     import numpy as np
 
-    from lora_fx.serving import AdapterSession
+    from lora_fx.ort.serving import AdapterSession
 
     sessions = {name: AdapterSession(files[name], ["CPUExecutionProvider"], args.threads)
                 for name in ("base", "merged", "unmerged")}

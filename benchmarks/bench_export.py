@@ -91,7 +91,7 @@ def export_cases(base: Any, gm: Any, tokens: Any, s: models.Spec, out: Path
 
     def peft_case(dynamic: bool, fixed: bool = False) -> Callable[[], Any]:
         """``fixed``: onnxscript's rules matched op type first, as in lorafx's exports."""
-        from lora_fx.onnxscript_rules import op_type_first
+        from lora_fx.onnx.rules import op_type_first
 
         holder: dict[str, Any] = {}
 
@@ -146,7 +146,7 @@ def check_files(gm: Any, base: Any, tokens: Any, s: models.Spec, out: Path
     import numpy as np
     import torch
 
-    from lora_fx import runtime
+    from lora_fx.ort import runtime
 
     probe = models.ids(s, 3, tokens.shape[1] + 3, seed=7)
     with torch.no_grad():

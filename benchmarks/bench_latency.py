@@ -52,7 +52,7 @@ def build_files(base: Any, gm: Any, tokens: Any, s: models.Spec, out: Path,
                 unmerged: bool) -> dict[str, Path]:
     """Export base, merged (and unmerged) files and the fused merged file."""
     import lora_fx
-    from lora_fx.ort_optimize import optimize_onnx
+    from lora_fx.ort.optimize import optimize_onnx
 
     files = {"ort base": out / "base.onnx", "ort merged": out / "merged.onnx"}
     lora_fx.export_onnx(base, (tokens,), files["ort base"], verify=False,

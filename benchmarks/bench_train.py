@@ -72,11 +72,11 @@ def make_variant(name: str, base: Any, tokens: Any, s: models.Spec) -> tuple[Any
         model = lora_fx.inject(copy.deepcopy(base), (tokens,), cfg).train()
         params = lora_fx.lora_parameters(model)
         if kind == "lorafx-fused":
-            from lora_fx.fast import fuse_branches
+            from lora_fx.train.fast import fuse_branches
 
             fuse_branches(model)
         elif kind == "lorafx-fast":
-            from lora_fx.fast import training_graph
+            from lora_fx.train.fast import training_graph
 
             model = training_graph(model)
     if name.endswith("-compiled"):

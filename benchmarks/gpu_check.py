@@ -43,7 +43,7 @@ CUDA: list[Any] = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionPr
 def cuda_ready() -> bool:
     import onnxruntime as ort
 
-    from lora_fx.runtime import cuda_driver_present
+    from lora_fx.ort.runtime import cuda_driver_present
 
     return "CUDAExecutionProvider" in ort.get_available_providers() and cuda_driver_present()
 
@@ -54,7 +54,7 @@ def cuda_providers() -> list[Any]:
     from onnx import helper
 
     from lora_fx.errors import LoraFxError
-    from lora_fx.runtime import open_session
+    from lora_fx.ort.runtime import open_session
 
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x],
@@ -75,8 +75,8 @@ def prepare(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from bench_deploy import build, random_adapter
 
     import lora_fx
-    from lora_fx.onnx_export import export_onnx
-    from lora_fx.ort_adapters import convert_adapter
+    from lora_fx.api import export_onnx
+    from lora_fx.ort.adapters import convert_adapter
 
     model = build(args.layers, args.d, 1000, 128)
     ids = torch.randint(1, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -93,7 +93,7 @@ def equality(ctx: dict[str, Any], device: list[str]) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from lora_fx.serving import AdapterSession
+    from lora_fx.ort.serving import AdapterSession
 
     tmp = ctx["tmp"]
     ids = torch.randint(1, 1000, (3, 24), generator=torch.Generator().manual_seed(5))
@@ -121,8 +121,8 @@ def equality(ctx: dict[str, Any], device: list[str]) -> dict[str, float]:
 
 
 def precision(ctx: dict[str, Any], device: list[str]) -> dict[str, Any]:
+    from lora_fx.api import export_onnx
     from lora_fx.errors import LoraFxError
-    from lora_fx.onnx_export import export_onnx
 
     out: dict[str, Any] = {}
     for dtype in ("fp16", "bf16"):
@@ -143,7 +143,7 @@ def latency(ctx: dict[str, Any], device: list[str], args: argparse.Namespace
     import torch
 
     import lora_fx
-    from lora_fx.serving import AdapterSession
+    from lora_fx.ort.serving import AdapterSession
 
     merged = AdapterSession(ctx["tmp"] / "merged.onnx", device)
     unmerged = AdapterSession(ctx["tmp"] / "unmerged.onnx", device)

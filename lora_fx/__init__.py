@@ -2,15 +2,19 @@
 
 from .api import (
     branches,
+    capture,
+    compiled,
     count_parameters,
+    export_onnx,
+    fuse_branches,
     inject,
     load_adapter,
     lora_parameters,
     merge,
     plan,
     save_adapter,
+    training_graph,
 )
-from .capture import capture
 from .config import LoraConfig
 from .errors import LoraFxError
 
@@ -19,20 +23,15 @@ __all__ = [
     "LoraFxError",
     "branches",
     "capture",
+    "compiled",
     "count_parameters",
     "export_onnx",
+    "fuse_branches",
     "inject",
     "load_adapter",
     "lora_parameters",
     "merge",
     "plan",
     "save_adapter",
+    "training_graph",
 ]
-
-
-def __getattr__(name: str) -> object:
-    if name == "export_onnx":  # onnx is imported only when exporting
-        from .onnx_export import export_onnx
-
-        return export_onnx
-    raise AttributeError(name)

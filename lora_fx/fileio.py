@@ -73,7 +73,7 @@ def io_error(target: Path, err: BaseException) -> LoraFxError | None:
 
 # --- temporaries ------------------------------------------------------------------------------
 
-def _temp_path(parent: Path, name: str) -> Path:
+def temp_path(parent: Path, name: str) -> Path:
     return parent / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
@@ -161,7 +161,7 @@ def atomic_path(target: str | os.PathLike[str], verify: Verify | None = None) ->
     if target.is_dir():
         raise LoraFxError(f"{target} is a directory: pass a file path")
     sweep_stale(parent, target.name)
-    tmp = _temp_path(parent, target.name)
+    tmp = temp_path(parent, target.name)
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         yield tmp
@@ -247,7 +247,7 @@ def atomic_dir(target: str | os.PathLike[str], force: bool = False,
     if target.exists() and not target.is_dir():
         raise LoraFxError(f"{target} exists and is not a directory: choose another output path")
     sweep_stale(parent, target.name)
-    tmp = _temp_path(parent, target.name)
+    tmp = temp_path(parent, target.name)
     try:
         tmp.mkdir(mode=0o700)
         yield tmp

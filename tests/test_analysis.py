@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_fx.adapters import Adapter, write_adapter
-from lora_fx.analysis import (
+from lora_fx.adapter.analysis import (
     amplification,
     analyze,
     effective_rank,
@@ -19,6 +18,7 @@ from lora_fx.analysis import (
     spectrum,
     subspace_similarity,
 )
+from lora_fx.adapter.peft import Adapter, write_adapter
 from lora_fx.config import LoraConfig
 from lora_fx.errors import LoraFxError
 

@@ -23,10 +23,10 @@ import torch
 from conftest import ROOT, fill_disk, randomize_lora, tmpfs
 
 import lora_fx
-from lora_fx.adapters import read_adapter, write_adapter
+from lora_fx.adapter.peft import read_adapter, write_adapter
 from lora_fx.errors import LoraFxError
 from lora_fx.fileio import atomic_dir, atomic_path, exchange, io_error, sweep_stale
-from lora_fx.load import load_model
+from lora_fx.load.model import load_model
 
 TINY = ROOT / "examples" / "tiny" / "model.py"
 
@@ -42,12 +42,12 @@ def _stall(path):
     time.sleep(600)
 
 if os.environ.get("LORAFX_TEST_STALL") == "onnx":
-    import lora_fx.onnx_stream  # the writer of files under the external-data size
-    _write = lora_fx.onnx_stream.write_model
+    import lora_fx.onnx.save  # the writer of files under the external-data size
+    _write = lora_fx.onnx.save.write_model
     def write_model(model, path):
         _write(model, path)
         _stall(path)
-    lora_fx.onnx_stream.write_model = write_model
+    lora_fx.onnx.save.write_model = write_model
 elif os.environ.get("LORAFX_TEST_STALL") == "safetensors":
     import safetensors.torch
     _save_file = safetensors.torch.save_file
@@ -240,7 +240,7 @@ def test_io_error_reads_safetensors_errors() -> None:
 def test_write_adapter_verifies_before_replacing(adapter_dir: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A written adapter that reads back different is never renamed into place."""
-    import lora_fx.adapters as adapters
+    import lora_fx.adapter.peft as adapters
 
     before = _tree(adapter_dir)
     adapter = read_adapter(adapter_dir)
@@ -265,8 +265,8 @@ def test_save_program_disk_full_keeps_previous(tmp_path: Path, monkeypatch: Any)
     """ONNX save hitting ENOSPC (simulated, runs anywhere): a LoraFxError, previous intact."""
     import onnx_ir
 
-    import lora_fx.onnx_stream
-    from lora_fx.onnx_export import save_program
+    import lora_fx.onnx.save
+    from lora_fx.onnx.save import save_program
 
     target = tmp_path / "model.onnx"
     _previous_onnx(target)
@@ -276,7 +276,7 @@ def test_save_program_disk_full_keeps_previous(tmp_path: Path, monkeypatch: Any)
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(lora_fx.onnx_stream, "write_model", write_model)
+    monkeypatch.setattr(lora_fx.onnx.save, "write_model", write_model)
 
     class FullDisk:  # the ONNXProgram interface that save_program uses
         model = onnx_ir.load(str(target))

@@ -10,8 +10,8 @@ import torch
 from conftest import peft_model_like, randomize_lora, token_ids
 
 import lora_fx
-from lora_fx.onnx_export import flat_outputs
-from lora_fx.passes.attention_dropout import PREFIX, AttentionDropoutP
+from lora_fx.capture.attention_dropout import PREFIX, AttentionDropoutP
+from lora_fx.onnx.verify import flat_outputs
 
 
 def _gpt2(p: float) -> torch.nn.Module:
@@ -84,7 +84,7 @@ def test_no_dropout_configured_adds_nothing() -> None:
 def test_merged_export_with_attention_dropout_equals_base_graph(tmp_path: Any) -> None:
     """The dropout_p feeder is identity-like for export: the merged file is the base graph and
     the export still reuses the captured program."""
-    from lora_fx.fast import captured_program
+    from lora_fx.capture.program import captured_program
 
     base = _gpt2(0.3)
     ids = token_ids()

@@ -127,7 +127,7 @@ def test_dilation_reflect_and_functional_conv_match_hand_reference() -> None:
         torch.testing.assert_close(lora_fx.merge(gm)(X), want, rtol=1e-5, atol=1e-5)
     sites = {s.name: s for s in lora_fx.plan(model, (X,), lora_fx.LoraConfig(
         target_modules=["dil"]))[1]}
-    from lora_fx.patterns import peft_reachable
+    from lora_fx.match.peft_reach import peft_reachable
 
     assert not peft_reachable(sites["dil"])  # PEFT's A conv drops the dilation
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_fx
-from lora_fx.distributed import all_bytes, count_communication, shard, wrap_ddp
+from lora_fx.train.distributed import all_bytes, count_communication, shard, wrap_ddp
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, GLOBAL_BATCH, SEQ, VOCAB = 3, 8, 8, 97

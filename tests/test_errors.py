@@ -365,7 +365,9 @@ def _prepare(case: Case, root: Path) -> tuple[Path, list[str]]:
 # and LORAFX_REAL_CLI=1 runs every case that way.
 DRIVER = r"""
 import json, os, sys, traceback
-import torch, torch.onnx, lora_fx.api, lora_fx.cli, lora_fx.load, lora_fx.onnx_export
+import torch, torch.onnx, lora_fx.api, lora_fx.load, lora_fx.onnx.export
+import lora_fx.cli, lora_fx.cli.inspect, lora_fx.cli.inject, lora_fx.cli.export, lora_fx.cli.train
+import lora_fx.cli.deploy, lora_fx.cli.analysis, lora_fx.cli.plan
 jobs, running, codes = json.load(sys.stdin), {}, {}
 def reap():
     pid, status = os.wait()
@@ -427,7 +429,7 @@ def _run_real(jobs: list[tuple[Case, Path, list[str]]]) -> list[Any]:
 def table(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Prepare every case twice (forked and real), run all commands, unmount the tmpfs."""
     import lora_fx
-    from lora_fx.load import load_model
+    from lora_fx.load.model import load_model
 
     root = tmp_path_factory.mktemp("errors")
     tiny = load_model(str(TINY))
@@ -530,7 +532,7 @@ def test_merge_refuses_non_finite_weights(value: float) -> None:
     """inf / nan in B, or A, B that overflow fp32 in B@A: refused, nothing changed."""
     import lora_fx
     from lora_fx.errors import LoraFxError
-    from lora_fx.load import load_model
+    from lora_fx.load.model import load_model
 
     tiny = load_model(str(TINY))
     before = {k: v.clone() for k, v in tiny.module.state_dict().items()}
@@ -552,7 +554,7 @@ def test_exporter_constant_folding_log_is_quiet_during_export() -> None:
     warning; lorafx's exports silence it, and only while exporting."""
     import logging
 
-    from lora_fx.onnx_export import quiet_exporter
+    from lora_fx.onnx.trace import quiet_exporter
 
     folding = logging.getLogger("onnxscript.optimizer._constant_folding")
     before = folding.level

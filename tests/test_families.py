@@ -24,13 +24,16 @@ from conftest import peft_model_like, randomize_lora
 from torch import nn
 
 import lora_fx
-from lora_fx import runtime
-from lora_fx.fast import training_graph
-from lora_fx.load import LoadedModel, load_model
-from lora_fx.onnx_export import export_onnx, flat_outputs, op_histogram, to_onnx
+from lora_fx.api import export_onnx
+from lora_fx.load.model import LoadedModel, load_model
+from lora_fx.match.matcher import find_sites
+from lora_fx.onnx.report import op_histogram
+from lora_fx.onnx.trace import to_onnx
+from lora_fx.onnx.verify import flat_outputs
+from lora_fx.ort import runtime
 from lora_fx.passes.state import NODE_KEY, require_state
-from lora_fx.patterns import find_sites
 from lora_fx.plugins import hf
+from lora_fx.train.fast import training_graph
 
 transformers = pytest.importorskip("transformers")
 T = transformers

@@ -13,8 +13,10 @@ import torch
 from conftest import peft_model_like, randomize_lora, tiny_gpt2, tiny_llama, token_ids
 
 import lora_fx
-from lora_fx.fast import PROGRAM_KEY, captured_program, fuse_branches, lora_addmm
+from lora_fx.capture.program import PROGRAM_KEY, captured_program
+from lora_fx.passes.fuse_branches import lora_addmm
 from lora_fx.passes.state import NODE_KEY
+from lora_fx.train.fast import fuse_branches
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -126,7 +128,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_merged_export_reuses_capture_and_matches_peft(exported: dict[str, Any]) -> None:
-    from lora_fx import runtime
+    from lora_fx.ort import runtime
 
     assert not exported["traced"], "export_onnx traced the model a second time"
     assert exported["merged"].max_abs_diff <= 1e-4
@@ -165,7 +167,7 @@ def test_merged_module_exports_without_a_second_trace(tmp_path: Path) -> None:
     import gc
     import weakref
 
-    from lora_fx import runtime
+    from lora_fx.ort import runtime
     from lora_fx.passes.state import get_state
 
     base = tiny_gpt2()
@@ -195,7 +197,7 @@ def test_merged_module_exports_without_a_second_trace(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_compiled_equals_peft() -> None:
     """torch.compile of the fused graph (inductor on CPU needs a C++ compiler: slow)."""
-    from lora_fx.fast import compiled
+    from lora_fx.train.fast import compiled
 
     base, plain, fused = _pair(tiny_llama, ["q_proj", "v_proj"])
     fn = compiled(fused)
@@ -218,7 +220,7 @@ def _count(gm: Any, name: str) -> int:
 
 
 def test_training_graph_equals_peft_and_leaves_gm_alone(tmp_path: Path) -> None:
-    from lora_fx.fast import training_graph
+    from lora_fx.train.fast import training_graph
 
     base = tiny_gpt2()
     targets = ["c_attn", "c_fc"]
@@ -317,8 +319,8 @@ def test_training_graph_routes_the_lm_head_and_equals_peft(
         monkeypatch: pytest.MonkeyPatch, use_blocks: bool) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lora_fx.fast import training_graph
     from lora_fx.passes import wide_linear as wl
+    from lora_fx.train.fast import training_graph
 
     monkeypatch.setattr(wl, "_choice", {})
     monkeypatch.setattr(wl, "_tune", lambda x, w, b: use_blocks)

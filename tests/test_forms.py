@@ -19,10 +19,12 @@ from conftest import randomize_lora
 from torch import nn
 
 import lora_fx
-from lora_fx.onnx_export import export_onnx, flat_outputs
+from lora_fx.api import export_onnx
+from lora_fx.match.matcher import find_sites
+from lora_fx.match.peft_reach import peft_reachable
+from lora_fx.onnx.verify import flat_outputs
+from lora_fx.ort.runtime import open_session, run
 from lora_fx.passes.state import NODE_KEY, require_state
-from lora_fx.patterns import find_sites, peft_reachable
-from lora_fx.runtime import open_session, run
 
 CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -278,7 +280,7 @@ def test_core_aten_forms_after_decomposition() -> None:
     export are sites too."""
     from torch import fx
 
-    from lora_fx.capture import CAPTURE_KEY
+    from lora_fx.capture.trace import CAPTURE_KEY
 
     model = Decomposed().eval()
     args = (torch.randn(2, 3, 8, 8), torch.randn(2, 5))

@@ -14,8 +14,8 @@ from conftest import ROOT, randomize_lora, tiny_gpt2, token_ids
 from torch import nn
 
 import lora_fx
-from lora_fx.onnx_export import export_onnx
-from lora_fx.passes.state import NODE_KEY
+from lora_fx.api import export_onnx
+from lora_fx.passes.state import NODE_KEY, require_state
 
 
 def _tiny() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -70,7 +70,7 @@ def test_functional_forms_equal_hand_merge(method: str, tmp_path: Path) -> None:
     base = lora_fx.capture(model, ex, method=method)
     gm = lora_fx.inject(base, ex, lora_fx.LoraConfig(r=3, lora_alpha=6, target_modules=ALL))
     randomize_lora(gm, seed=4, scale=0.3)
-    forms = {n: r.form for n, r in lora_fx.api.require_state(gm).sites.items()}
+    forms = {n: r.form for n, r in require_state(gm).sites.items()}
     want = {"F.linear", "matmul"} | ({"nn.Linear"} if method == "symbolic_trace" else set())
     assert set(forms.values()) == want
     ab = {n: (b.lora_A.weight.detach(), b.lora_B.weight.detach())
@@ -178,7 +178,7 @@ def test_regex_and_suffix_targeting() -> None:
     ids = token_ids()
     cfg = lora_fx.LoraConfig(r=2, target_modules=r"transformer\.h\.1\.attn\.c_.*")
     gm = lora_fx.inject(model, (ids,), cfg)
-    assert sorted(lora_fx.api.require_state(gm).sites) == ["transformer.h.1.attn.c_attn",
+    assert sorted(require_state(gm).sites) == ["transformer.h.1.attn.c_attn",
                                                            "transformer.h.1.attn.c_proj"]
     with pytest.raises(lora_fx.LoraFxError):
         lora_fx.inject(model, (ids,), lora_fx.LoraConfig(r=2, target_modules=["attn.c"]))

@@ -23,7 +23,7 @@ from test_forms import check_merged_onnx, factors
 from torch import nn
 
 import lora_fx
-from lora_fx.branches import LoraFused, LoraLinear
+from lora_fx.branches.linear import LoraFused, LoraLinear
 from lora_fx.errors import LoraFxError
 from lora_fx.passes.state import require_state
 

@@ -12,7 +12,7 @@ from conftest import tiny_bert, tiny_gpt2
 
 import lora_fx
 from lora_fx.errors import LoraFxError, LoraFxWarning
-from lora_fx.load import load_model, plugins
+from lora_fx.load.model import load_model, plugins
 from lora_fx.plugins import hf
 
 transformers = pytest.importorskip("transformers")
@@ -114,7 +114,7 @@ def test_meta_reads_no_weights(saved: dict[str, Path], tmp_path: Path) -> None:
 def test_inject_dry_run_on_meta_through_the_cli(saved: dict[str, Path]) -> None:
     from click.testing import CliRunner
 
-    from lora_fx.cli import cli
+    from lora_fx.cli.main import cli
 
     result = CliRunner().invoke(cli, ["inject", f"hf:{saved['bert']}", "-t", "query", "-t",
                                       "value", "--dry-run", "--json"])

@@ -24,9 +24,10 @@ from test_forms import check_merged_onnx, factors, hand_merged
 from torch import nn
 
 import lora_fx
-from lora_fx.cli import cli
+from lora_fx.cli.main import cli
+from lora_fx.match.matcher import find_sites
+from lora_fx.match.peft_reach import peft_reachable
 from lora_fx.passes.state import require_state
-from lora_fx.patterns import find_sites, peft_reachable
 
 
 class Encoder(nn.Module):

@@ -14,9 +14,9 @@ from conftest import randomize_lora, tiny_gpt2, tmpfs, token_ids
 from onnx import TensorProto, helper, numpy_helper
 
 import lora_fx
-from lora_fx import runtime
-from lora_fx.onnx_export import to_onnx
-from lora_fx.onnx_stream import _varint, write_model
+from lora_fx.onnx.stream import _varint, write_model
+from lora_fx.onnx.trace import to_onnx
+from lora_fx.ort import runtime
 
 
 def _canonical(model: onnx.ModelProto) -> tuple[bytes, dict[str, bytes]]:
@@ -98,7 +98,7 @@ def test_gpt2_export_equals_ir_save(tmp_path: Path) -> None:
 def test_streamed_save_on_a_full_disk_keeps_previous(tmp_path: Path) -> None:
     """save_program streams into a temporary file: ENOSPC is one LoraFxError, nothing left."""
     from lora_fx.errors import LoraFxError
-    from lora_fx.onnx_export import save_program
+    from lora_fx.onnx.save import save_program
 
     with tmpfs(tmp_path / "full", "256k") as mnt:
         program = to_onnx(lora_fx.capture(tiny_gpt2(), (token_ids(),)), (token_ids(),))
@@ -114,7 +114,7 @@ def test_streamed_save_on_a_full_disk_keeps_previous(tmp_path: Path) -> None:
 def test_external_view_reads_the_streamed_file_in_place(tmp_path: Path) -> None:
     """The view's weights are external data at offsets into the streamed file itself: onnx's
     own loader resolves them to exactly the file's tensors, and ONNX Runtime agrees."""
-    from lora_fx.onnx_stream import external_view
+    from lora_fx.onnx.stream import external_view
 
     streamed = tmp_path / "streamed.onnx"
     layout = write_model(_mixed_model(), streamed)
@@ -138,9 +138,9 @@ MAPPED_CHILD = r"""
 import json, sys
 from pathlib import Path
 import numpy as np
-from lora_fx import runtime
-from lora_fx.onnx_export import _loadable
-from lora_fx.onnx_stream import Layout
+from lora_fx.ort import runtime
+from lora_fx.onnx.verify import _loadable
+from lora_fx.onnx.stream import Layout
 
 def anon():
     return int(Path("/proc/self/status").read_text().split("RssAnon:")[1].split()[0]) * 1024
@@ -196,8 +196,8 @@ def test_verification_maps_a_streamed_file_instead_of_copying_it(tmp_path: Path)
 def test_export_verifies_through_a_temporary_view(tmp_path: Path, monkeypatch: Any) -> None:
     """export_onnx(verify=True) of a single-file model opens a view beside it (weights external,
     pointing into the model file), removes it, and reports errors with the model's own path."""
+    from lora_fx.api import export_onnx
     from lora_fx.errors import LoraFxError
-    from lora_fx.onnx_export import export_onnx
 
     gm = lora_fx.inject(tiny_gpt2(), (token_ids(),), lora_fx.LoraConfig(r=2, target_modules=[
         "c_attn"]))

@@ -15,8 +15,8 @@ from onnx import TensorProto, helper
 from onnxscript.rewriter import pattern
 
 import lora_fx
-from lora_fx import onnxscript_rules
-from lora_fx.onnxscript_rules import op_type_first
+from lora_fx.onnx import rules as onnxscript_rules
+from lora_fx.onnx.rules import op_type_first
 
 
 def _model() -> onnx.ModelProto:

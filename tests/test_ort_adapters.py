@@ -20,11 +20,11 @@ from conftest import ROOT
 from torch import nn
 
 import lora_fx
-from lora_fx.adapters import Adapter, write_adapter
+from lora_fx.adapter.peft import Adapter, write_adapter
+from lora_fx.api import export_onnx
 from lora_fx.config import LoraConfig
 from lora_fx.errors import LoraFxError
-from lora_fx.onnx_export import export_onnx
-from lora_fx.ort_adapters import convert_adapter, model_slots, read_ort_adapter
+from lora_fx.ort.adapters import convert_adapter, model_slots, read_ort_adapter
 
 SHAPES = {"w_in": (64, 32), "w_mid": (64, 64), "w_up": (32, 64)}  # TinyMLP sites: (out, in)
 
@@ -200,7 +200,7 @@ def test_refusals(tmp_path: Path) -> None:
 
 
 def test_cli_convert_adapter(tiny_export: dict[str, Any]) -> None:
-    from lora_fx.commands.deploy import convert_adapter as command
+    from lora_fx.cli.deploy import convert_adapter_command as command
 
     tmp = tiny_export["tmp"]
     out = tmp / "cli.onnx_adapter"

@@ -11,9 +11,9 @@ import pytest
 from conftest import peft_model_like, randomize_lora, tiny_bert, tiny_gpt2, token_ids
 
 import lora_fx
-from lora_fx import runtime
 from lora_fx.errors import LoraFxError
-from lora_fx.ort_optimize import optimize_onnx
+from lora_fx.ort import runtime
+from lora_fx.ort.optimize import optimize_onnx
 
 TARGETS = {"gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
 
@@ -65,7 +65,7 @@ def test_refusals(merged: dict[str, Any], tmp_path: Path) -> None:
 
 def test_mismatch_removes_the_output(merged: dict[str, Any], tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import lora_fx.ort_optimize as mod
+    import lora_fx.ort.optimize as mod
 
     src, _ = merged["gpt2"]
     monkeypatch.setattr(mod, "compare_sessions", lambda *a, **k: 1.0)

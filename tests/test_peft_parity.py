@@ -15,7 +15,8 @@ from conftest import peft_model_like, randomize_lora, tiny_bert, tiny_gpt2, tiny
 from torch import nn
 
 import lora_fx
-from lora_fx.onnx_export import export_onnx, flat_outputs
+from lora_fx.api import export_onnx
+from lora_fx.onnx.verify import flat_outputs
 from lora_fx.passes.state import NODE_KEY
 
 FAMILIES: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {

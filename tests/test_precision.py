@@ -19,6 +19,7 @@ from torch import nn
 import lora_fx
 from lora_fx import api
 from lora_fx.errors import LoraFxError
+from lora_fx.passes.state import require_state
 
 
 def _example(name: str, factory: str) -> nn.Module:
@@ -49,7 +50,7 @@ def _merged(case: str, dtype: torch.dtype) -> tuple[nn.Module, Any, dict[str, An
     randomize_lora(gm, seed=1, scale=0.3)
     merged = lora_fx.merge(gm)
     out: dict[str, Any] = {}
-    state = api.require_state(gm)
+    state = require_state(gm)
     for name, branch in api.branches(gm).items():
         rec = state.sites[name]
         w = base.get_parameter(rec.weight).detach()

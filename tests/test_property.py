@@ -246,7 +246,7 @@ def test_merged_onnx_equals_hand_merge(data: st.DataObject, seed: int,
                                        tmp_path_factory: pytest.TempPathFactory) -> None:
     import onnxruntime as ort
 
-    from lora_fx.onnx_export import op_histogram
+    from lora_fx.onnx.report import op_histogram
 
     arch = data.draw(archs(), label="arch")
     plan = data.draw(plans(arch), label="plan")

@@ -26,7 +26,8 @@ from conftest import ROOT, randomize_lora, token_ids
 import lora_fx
 from lora_fx import api
 from lora_fx.config import LoraConfig
-from lora_fx.planning import adapter_bytes, meta_device, plan_model
+from lora_fx.load.meta import meta_device
+from lora_fx.model.plan import adapter_bytes, plan_model
 
 MODEL = str(ROOT / "examples" / "gpt3_175b" / "model.py")
 
@@ -36,7 +37,7 @@ _WRAPPER = """
 import json, resource, sys
 argv = sys.argv[1:]
 try:
-    from lora_fx.cli import main
+    from lora_fx.cli.main import main
     main(argv)
 finally:
     u = resource.getrusage(resource.RUSAGE_SELF)
@@ -228,10 +229,12 @@ def test_external_data_export_verified_after_release(tmp_path: Any, monkeypatch:
 
     import onnx
 
-    from lora_fx import onnx_export
-    from lora_fx.onnx_export import export_onnx, forward, op_histogram, verify_file
+    from lora_fx.api import export_onnx
+    from lora_fx.onnx import names
+    from lora_fx.onnx.report import op_histogram
+    from lora_fx.onnx.verify import forward, verify_file
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(names, "EXTERNAL_DATA_BYTES", 0)
     base, gm, ids = _injected_small()
     merged = lora_fx.merge(gm, inplace=True)
     path = tmp_path / "model.onnx"
@@ -253,9 +256,11 @@ def test_external_data_export_verified_after_release(tmp_path: Any, monkeypatch:
 def test_export_release_frees_weights_then_verifies(tmp_path: Any, monkeypatch: Any) -> None:
     """export_onnx(release=True): verified in ONNX Runtime after the model's weights were freed;
     the file also matches an independent copy-merge computed before the in-place fold."""
-    from lora_fx import onnx_export, runtime
+    from lora_fx.onnx import export as onnx_export
+    from lora_fx.onnx import names
+    from lora_fx.ort import runtime
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(names, "EXTERNAL_DATA_BYTES", 0)
     base, gm, ids = _injected_small(seed=5)
     with torch.no_grad():
         want = lora_fx.merge(gm)(ids)
@@ -272,7 +277,7 @@ def test_plan_command_reports_adapter_size() -> None:
     """``lorafx plan`` (lora_fx.commands.scale): GPT-3 r=4 on W_q, W_v, straight from --json."""
     from click.testing import CliRunner
 
-    from lora_fx.commands.scale import plan
+    from lora_fx.cli.plan import plan_command as plan
 
     result = CliRunner().invoke(plan, [f"{MODEL}:gpt3_175b", "-t", "q_proj", "-t", "v_proj",
                                        "-r", "4", "--json"])
@@ -291,9 +296,10 @@ def test_external_data_replace_keeps_a_consistent_pair(tmp_path: Any, monkeypatc
     import numpy as np
     import onnxruntime as ort
 
-    from lora_fx import onnx_export
+    from lora_fx.onnx import export as onnx_export
+    from lora_fx.onnx import names, save
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(names, "EXTERNAL_DATA_BYTES", 0)
     base, gm, ids = _injected_small(seed=7)
     path = tmp_path / "model.onnx"
     onnx_export.export_onnx(base, (ids,), path, verify=False)
@@ -312,11 +318,11 @@ def test_external_data_replace_keeps_a_consistent_pair(tmp_path: Any, monkeypatc
             raise KeyboardInterrupt  # the process is killed between the two renames
         real_replace(src, dst)
 
-    monkeypatch.setattr(onnx_export.os, "replace", dies_before_model)
+    monkeypatch.setattr(save.os, "replace", dies_before_model)
     merged = lora_fx.merge(gm)
     with pytest.raises(KeyboardInterrupt):
         onnx_export.export_onnx(merged, (ids,), path, verify=False)
-    monkeypatch.setattr(onnx_export.os, "replace", real_replace)
+    monkeypatch.setattr(save.os, "replace", real_replace)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(None, feed)[0], before)  # old model, old data
     del sess
@@ -341,7 +347,8 @@ def test_lean_session_holds_weights_once(tmp_path: Any) -> None:
     same outputs as a default session."""
     import numpy as np
 
-    from lora_fx import onnx_export, runtime
+    from lora_fx.onnx import export as onnx_export
+    from lora_fx.ort import runtime
 
     _, gm, ids = _injected_small(seed=9)
     path = tmp_path / "m.onnx"
@@ -361,7 +368,7 @@ def _optimized_initializer_shapes(path: Path, lean: bool, tmp: Path) -> tuple[se
     import onnx
     import onnxruntime as ort
 
-    from lora_fx import runtime
+    from lora_fx.ort import runtime
 
     opts, disabled = runtime.session_options(lean=lean)
     out = tmp / f"optimized_{lean}.onnx"
@@ -380,7 +387,8 @@ def test_lean_session_reads_a_tied_head_without_a_transposed_copy(tmp_path: Path
     import numpy as np
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lora_fx import onnx_export, runtime
+    from lora_fx.onnx import export as onnx_export
+    from lora_fx.ort import runtime
 
     torch.manual_seed(0)  # vocab · d > 8192: onnxscript leaves the transpose to the runtime
     base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=300,
@@ -431,7 +439,7 @@ def test_trim_returns_freed_heap_memory() -> None:
 def test_export_release_merges_in_place(tmp_path: Any, monkeypatch: Any) -> None:
     """export_onnx(gm, release=True) (what `lorafx export` runs) folds W' into the user's own
     weight tensors (no second copy) before freeing them: W' = W + s·B@A by hand, same storage."""
-    from lora_fx import onnx_export
+    from lora_fx.onnx import export as onnx_export
 
     monkeypatch.setattr(onnx_export, "release_weights", lambda *modules: None)  # look after
     base, gm, ids = _injected_small(seed=11)

@@ -21,9 +21,9 @@ import torch
 from conftest import ROOT
 
 import lora_fx
-from lora_fx.adapters import read_adapter
+from lora_fx.adapter.peft import read_adapter
 from lora_fx.errors import LoraFxError
-from lora_fx.load import load_model
+from lora_fx.load.model import load_model
 
 TINY = ROOT / "examples" / "tiny" / "model.py"
 

@@ -18,11 +18,11 @@ from conftest import peft_model_like, randomize_lora, tiny_gpt2, token_ids
 from torch import nn
 
 import lora_fx
-from lora_fx import runtime
+from lora_fx.api import export_onnx
 from lora_fx.errors import LoraFxError, LoraFxWarning
-from lora_fx.onnx_export import export_onnx
-from lora_fx.ort_adapters import convert_adapter
-from lora_fx.serving import AdapterSession
+from lora_fx.ort import runtime
+from lora_fx.ort.adapters import convert_adapter
+from lora_fx.ort.serving import AdapterSession
 
 TARGETS = ["c_attn", "c_fc"]
 X_CFG: dict[str, Any] = dict(r=4, lora_alpha=8, target_modules=TARGETS)
@@ -152,7 +152,7 @@ def test_foreign_and_partial_adapters_are_refused(served: dict[str, Any]) -> Non
 
 
 def test_cli_run_prints_outputs_provider_latency(served: dict[str, Any]) -> None:
-    from lora_fx.commands.deploy import run
+    from lora_fx.cli.deploy import run_command as run
 
     ids = token_ids(2, 8, seed=77)
     np.save(served["tmp"] / "ids.npy", ids.numpy())
@@ -177,7 +177,7 @@ def test_cli_run_prints_outputs_provider_latency(served: dict[str, Any]) -> None
 @pytest.mark.parametrize("spec", ["input_ids=rand:2xq", "input_ids=nonsense", "nope=rand:2x8",
                                   "input_ids=missing.npy"])
 def test_cli_run_refuses_bad_inputs(served: dict[str, Any], spec: str) -> None:
-    from lora_fx.commands.deploy import run
+    from lora_fx.cli.deploy import run_command as run
 
     result = CliRunner().invoke(run, [str(served["model"]), "-i", spec])
     assert isinstance(result.exception, LoraFxError), result.output

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from lora_fx.adapters import Adapter, read_adapter, write_adapter
+from lora_fx.adapter.peft import Adapter, read_adapter, write_adapter
+from lora_fx.adapter.surgery import combine, resize
 from lora_fx.config import LoraConfig
 from lora_fx.errors import LoraFxError
-from lora_fx.surgery import combine, resize
 
 SHAPES = {"0": (12, 16), "2": (10, 12)}  # the Linear layers of the PEFT reference model
 

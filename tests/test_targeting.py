@@ -173,7 +173,8 @@ def test_functional_projection_saved_by_all_linear_is_named(tmp_path: Path) -> N
 
 def test_functional_linear_in_a_module_of_its_own(tmp_path: Path) -> None:
     """peft_reachable says no for a weight read by F.linear outside nn.Linear.forward."""
-    from lora_fx.patterns import find_sites, peft_reachable
+    from lora_fx.match.matcher import find_sites
+    from lora_fx.match.peft_reach import peft_reachable
 
     class Fn(nn.Module):
         def __init__(self) -> None:

@@ -15,7 +15,7 @@ from test_forms import check_merged_onnx, factors
 from torch import nn
 
 import lora_fx
-from lora_fx.patterns import find_sites
+from lora_fx.match.matcher import find_sites
 
 
 class TiedLM(nn.Module):

@@ -13,12 +13,12 @@ from conftest import tiny_gpt2
 
 import lora_fx
 from lora_fx.errors import LoraFxError
-from lora_fx.load import LoadedModel, load_model
+from lora_fx.load.model import LoadedModel, load_model
 
 pytest.importorskip("accelerate")  # transformers' Trainer needs it
 from transformers import TrainingArguments  # noqa: E402
 
-from lora_fx.integrations.hf_trainer import LorafxTrainer  # noqa: E402
+from lora_fx.train.hf_trainer import LorafxTrainer  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 

@@ -19,8 +19,8 @@ from conftest import ROOT, peft_model_like, randomize_lora, tiny_gpt2, tiny_llam
 from torch import nn
 
 import lora_fx
+from lora_fx.api import export_onnx
 from lora_fx.errors import LoraFxError
-from lora_fx.onnx_export import export_onnx
 
 GPT2_CFG: dict[str, Any] = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"])
 A, B = ".lora_A.weight", ".lora_B.weight"
@@ -206,7 +206,7 @@ def test_cli_export_no_merge_fp16(tmp_path: Path) -> None:
     """`lorafx export --no-merge --dtype fp16` on the functional MLP (symbolic_trace)."""
     from conftest import run_cli
 
-    from lora_fx.load import load_model
+    from lora_fx.load.model import load_model
 
     model = str(ROOT / "examples" / "tiny" / "model.py")
     loaded = load_model(model)

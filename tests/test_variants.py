@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lora_fx
+from lora_fx.api import export_onnx
 from lora_fx.errors import LoraFxError
-from lora_fx.onnx_export import export_onnx, flat_outputs
-from lora_fx.passes.state import NODE_KEY
-from lora_fx.variants.init import load_on_residual, save_plain_lora
+from lora_fx.model.pissa import load_on_residual, save_plain_lora
+from lora_fx.onnx.verify import flat_outputs
+from lora_fx.passes.state import NODE_KEY, require_state
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -137,7 +138,7 @@ def test_lorafx_weight_init_matches_peft_and_saves_what_peft_merges(init: str,
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg)).eval()
     residual = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
                 for k, v in ref.named_parameters() if "base_layer.weight" in k}
-    state = lora_fx.api.require_state(gm)
+    state = require_state(gm)
     assert len(state.sites) == 6
     for rec in state.sites.values():  # W_res = W − s·B₀A₀, as PEFT's
         torch.testing.assert_close(gm.get_parameter(rec.weight), residual[rec.weight],

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 import lora_fx
-from lora_fx.distributed import all_bytes, count_communication, shard, wrap_ddp
-from lora_fx.load import load_model
+from lora_fx.load.model import load_model
+from lora_fx.train.distributed import all_bytes, count_communication, shard, wrap_ddp
 
 
 def _shard(value: Any, rank: int, world: int, device: torch.device) -> Any:

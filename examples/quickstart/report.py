@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_fx import runtime
+from lora_fx.ort import runtime
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,5 +1,2 @@
-"""Graph passes: each is a typed function over a GraphModule returning a PassResult."""
-
-from .runner import PassResult, run_pass
-
-__all__ = ["PassResult", "run_pass"]
+"""Graph passes: each is a typed function over a GraphModule returning a PassResult, run by
+``runner.run_pass`` (lint, recompile, the failing pass named in its error); one rewrite per file."""

@@ -14,12 +14,16 @@ import operator
 import torch
 from torch import fx
 
-from ..branches import LoraBranch, LoraConv, LoraEmbedding, LoraFused, LoraLinear
+from ..branches.base import LoraBranch
+from ..branches.conv import LoraConv
+from ..branches.embedding import LoraEmbedding
+from ..branches.linear import LoraFused, LoraLinear
 from ..config import LoraConfig
-from ..patterns import Site
+from ..graph.attrs import add_submodule
+from ..match.matcher import Site
 from ..variants.dora import dora_branch
 from .runner import PassResult
-from .state import BRANCH_ROOT, NODE_KEY, LoraState, SiteRecord, add_submodule
+from .state import BRANCH_ROOT, NODE_KEY, LoraState, SiteRecord
 
 
 def build_branch(site: Site, config: LoraConfig, dtype: torch.dtype,

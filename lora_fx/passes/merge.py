@@ -16,10 +16,11 @@ from collections.abc import Mapping
 import torch
 from torch import fx, nn
 
-from ..branches import LoraBranch
-from ..patterns import weight_readers
+from ..branches.base import LoraBranch
+from ..graph.attrs import set_attr_cow
+from ..match.matcher import weight_readers
 from .runner import PassResult
-from .state import NODE_KEY, SiteRecord, set_attr_cow
+from .state import NODE_KEY, SiteRecord
 from .untie import untie
 
 

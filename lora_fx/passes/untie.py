@@ -13,8 +13,7 @@ import copy
 
 from torch import fx, nn
 
-from ..patterns import _attr, _transposed
-from .state import _cow_child, set_attr_cow
+from ..graph.attrs import cow_child, resolve_attr, set_attr_cow, transposed
 
 
 def _usable(gm: fx.GraphModule, path: str) -> bool:
@@ -45,7 +44,7 @@ def _set_param(gm: fx.GraphModule, path: str, value: nn.Parameter) -> None:
     mod: nn.Module = gm
     for name in parents:
         if name in mod._modules:
-            mod = _cow_child(mod, name)
+            mod = cow_child(mod, name)
         else:
             child = nn.Module()
             mod.add_module(name, child)
@@ -73,13 +72,13 @@ def _untie_attr_use(gm: fx.GraphModule, use: fx.Node, weight: object, path: str)
     """A use reading the weight through get_attr (maybe transposed): point it at ``path``."""
     graph = gm.graph
     for arg in list(use.all_input_nodes):
-        under = _transposed(arg)
+        under = transposed(arg)
         source = under if isinstance(under, fx.Node) else arg
-        if source.op != "get_attr" or _attr(gm, str(source.target)) is not weight:
+        if source.op != "get_attr" or resolve_attr(gm, str(source.target)) is not weight:
             continue
         with graph.inserting_before(use):
-            attr = graph.get_attr(path)
-            new = attr if source is arg else _copy_reading(graph, arg, source, attr)
+            read = graph.get_attr(path)
+            new = read if source is arg else _copy_reading(graph, arg, source, read)
         new.meta = {k: v for k, v in arg.meta.items() if k != "lora"}
         use.replace_input_with(arg, new)
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..patterns import _attr
+from ..graph.attrs import resolve_attr
 from .runner import PassResult
 
 BLOCK = 4096          # output features per block
@@ -106,7 +106,7 @@ def _weight(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     """The tensor a ``get_attr`` node reads, else None."""
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
-    value = _attr(gm, str(node.target))
+    value = resolve_attr(gm, str(node.target))
     return value if isinstance(value, torch.Tensor) else None
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraFxError, LoraFxWarning
-from ..load import LoadedModel
+from ..load.model import LoadedModel
 
 BATCH, SEQ, DECODER_SEQ = 2, 8, 6
 EAGER_TYPES = frozenset({"t5", "mt5", "umt5", "longt5", "switch_transformers"})

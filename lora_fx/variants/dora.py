@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..branches import LoraLinear, copy_checked, weight_of
+from ..branches.base import copy_checked, weight_of
+from ..branches.linear import LoraLinear
 from ..config import LoraConfig
 from ..errors import LoraFxError
+from ..match.matcher import Site
 from ..passes.runner import PassResult, run_pass
 from ..passes.state import NODE_KEY, get_state, require_state
-from ..patterns import Site
 
 FORMS = ("nn.Linear", "F.linear", "addmm", "matmul")  # linear forms whose bias DoRA can find
 

@@ -1,0 +1,61 @@
+"""Shared pieces of the command line: JSON and table output, option parsing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import click
+
+from ..errors import LoraFxError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def init_value(text: str) -> bool | str:
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    return low
+
+
+def patterns(items: Iterable[str], kind: type) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.rpartition("=")
+        if not sep or not key:
+            raise LoraFxError(f"pattern {item!r} must look like REGEX=VALUE")
+        try:
+            out[key] = kind(value)
+        except ValueError as err:
+            raise LoraFxError(f"pattern {item!r}: {value!r} is not a valid {kind.__name__}"
+                              ) from err
+    return out
+
+
+def site_rows(sites: list[Any], ranks: dict[str, int] | None = None) -> list[list[str]]:
+    rows = []
+    for s in sites:
+        row = [s.name, s.form, f"{s.in_features}->{s.out_features}"]
+        if ranks is not None:
+            row.append(str(ranks.get(s.name, "")))
+        rows.append(row)
+    return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+

@@ -1,0 +1,89 @@
+"""``lorafx inject``: inject LoRA and write a fresh adapter (B = 0), or plan it (--dry-run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from ..adapter.peft import WEIGHTS_NAME
+from ..config import LoraConfig
+from ..errors import LoraFxError
+from ..fileio import check_writable_dir
+from ..load.model import load_model
+from ..model.adapters import save_adapter
+from ..model.inject import inject
+from ..model.params import count_parameters
+from ..passes.state import require_state
+from .common import echo_json, init_value, patterns, table
+
+
+@click.command("inject")
+@click.argument("model")
+@click.option("-t", "--target", "targets", multiple=True,
+              help="Site name or .-suffix (repeatable), as PEFT's target_modules; "
+                   "'all-linear' for every linear but the output head.")
+@click.option("--target-regex", help="A regex matched against the whole site name instead.")
+@click.option("-r", "--rank", "rank", type=int, default=8, show_default=True)
+@click.option("--alpha", type=float, default=None, help="lora_alpha (default: the rank).")
+@click.option("--dropout", type=float, default=0.0, show_default=True)
+@click.option("--rslora", is_flag=True, help="Scale alpha/sqrt(r) (rsLoRA).")
+@click.option("--init", "init", default="true", show_default=True,
+              help="init_lora_weights: true (B=0), gaussian, false.")
+@click.option("--rank-pattern", multiple=True, help="REGEX=RANK per-site rank (repeatable).")
+@click.option("--alpha-pattern", multiple=True, help="REGEX=ALPHA per-site alpha (repeatable).")
+@click.option("--modules-to-save", multiple=True, help="Module trained in full (e.g. a head).")
+@click.option("-o", "--output", type=click.Path(), help="Adapter directory to write.")
+@click.option("--dry-run", is_flag=True, help="Plan only, on the meta device: nothing written.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
+@click.option("--force", is_flag=True, help="Overwrite an existing adapter.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def inject_command(model: str, targets: tuple[str, ...], target_regex: str | None, rank: int,
+           alpha: float | None, dropout: float, rslora: bool, init: str,
+           rank_pattern: tuple[str, ...], alpha_pattern: tuple[str, ...],
+           modules_to_save: tuple[str, ...], output: str | None, dry_run: bool, as_json: bool,
+           force: bool, seed: int) -> None:
+    """Inject LoRA into MODEL and write a fresh adapter (B = 0) to -o DIR."""
+
+
+    if not targets and not target_regex:
+        raise LoraFxError("no target: pass -t NAME (repeatable) or --target-regex REGEX")
+    if not dry_run and not output:
+        raise LoraFxError("no output: pass -o DIR (or --dry-run to only plan)")
+    if output and not dry_run and (Path(output) / WEIGHTS_NAME).exists() and not force:
+        raise LoraFxError(f"{output} already holds an adapter: pass --force to overwrite it")
+    if output and not dry_run:
+        check_writable_dir(Path(output).parent.resolve())
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha if alpha is not None else rank,
+        target_modules=target_regex if target_regex else (
+            "all-linear" if targets == ("all-linear",) else list(targets)),
+        lora_dropout=dropout, use_rslora=rslora, init_lora_weights=init_value(init),
+        rank_pattern=patterns(rank_pattern, int), alpha_pattern=patterns(alpha_pattern, float),
+        modules_to_save=list(modules_to_save) or None)
+    loaded = load_model(model, meta=dry_run)
+    torch.manual_seed(seed)  # after the model file ran: it may seed torch itself
+    gm = inject(loaded.module, loaded.example_inputs, config, loaded.dynamic_shapes)
+    trainable, total = count_parameters(gm)
+    state = require_state(gm)
+    sites: list[dict[str, Any]] = [
+        {"name": s.name, "form": s.form, "layout": s.layout, "in_features": s.in_features,
+         "out_features": s.out_features, "r": config.rank_for(s.name),
+         "scale": config.scale_for(s.name)} for s in state.sites.values()]
+    if not dry_run:
+        assert output is not None
+        config.base_model_name_or_path = config.base_model_name_or_path or model
+        save_adapter(gm, output, force=force)
+    if as_json:
+        echo_json({"sites": sites, "trainable_params": trainable, "total_params": total,
+                    "modules_to_save": state.saved, "output": None if dry_run else output})
+        return
+    click.echo(table(["site", "form", "in->out", "r"],
+                      [[s["name"], s["form"], f"{s['in_features']}->{s['out_features']}",
+                        str(s["r"])] for s in sites]))
+    click.echo(f"trainable: {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)")
+    click.echo("dry run: nothing written" if dry_run else f"adapter written to {output}")
+

@@ -1,1 +1,0 @@
-"""CLI commands, one module per area; cli.py registers them on the ``lorafx`` group."""

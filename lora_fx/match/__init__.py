@@ -1,0 +1,1 @@
+"""Match: the linear forms as rules, the matcher (Site / Skip), target selection, PEFT's reach."""

@@ -1,0 +1,122 @@
+"""An injected model's adapter in and out: PEFT's view of its config, save, load, apply.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..adapter.peft import Adapter, read_adapter, write_adapter
+from ..branches.base import LoraBranch
+from ..branches.linear import LoraFused
+from ..config import LoraConfig
+from ..errors import LoraFxError
+from ..passes.state import require_state
+from ..variants.dora import load_magnitudes, magnitudes
+from ..variants.init import reads_weight
+from .inject import inject
+from .params import branches
+
+
+def to_adapter(gm: nn.Module) -> Adapter:
+    """The adapter held by an injected GraphModule (A, B per site; modules_to_save tensors).
+
+    Its config is what PEFT reads: ``all-linear`` / ``target_forms`` become the explicit site
+    list, and a fused site is its exact plain equivalent (rank k·r, alpha keeping s); lorafx's
+    own config then rides along in ``Adapter.lorafx`` (``lorafx_config.json``).
+    """
+    state = require_state(gm)
+    brs = branches(gm)
+    lora = {name: b.peft_factors() for name, b in brs.items()}
+    kinds = {name: b.kind for name, b in brs.items() if b.kind == "embedding"}
+    saved = {f"{name}.{pname}": p.detach() for name in state.saved
+             for pname, p in gm.get_submodule(name).named_parameters()}
+    config, lorafx = _peft_view(state.config, list(state.sites), brs)
+    return Adapter(config, lora, saved, kinds, lorafx, magnitude=magnitudes(gm))
+
+
+def _peft_view(config: LoraConfig, sites: list[str], brs: dict[str, LoraBranch]
+               ) -> tuple[LoraConfig, dict[str, Any] | None]:
+    """(config PEFT can load, lorafx's config when PEFT's view loses something, else None)."""
+    changes: dict[str, Any] = {}
+    if config.target_modules == "all-linear" or config.target_forms:
+        changes.update(target_modules=sorted(sites), target_forms=None)
+    fused = {n: b for n, b in brs.items() if isinstance(b, LoraFused)}
+    if fused:  # keys sort first in the JSON and match one site only: PEFT takes the first match
+        keys = {n: f"(?:^{re.escape(n)})" for n in fused}
+        ranks = {keys[n]: b.k * b.r for n, b in fused.items()}
+        alphas = {keys[n]: b.scaling * (math.sqrt(ranks[keys[n]]) if config.use_rslora
+                                        else ranks[keys[n]]) for n, b in fused.items()}
+        changes.update(rank_pattern={**ranks, **config.rank_pattern},
+                       alpha_pattern={**alphas, **config.alpha_pattern}, enable_lora={})
+    view = dataclasses.replace(config, **changes) if changes else config
+    return view, (dataclasses.asdict(config) if fused else None)
+
+
+def save_adapter(gm: nn.Module, directory: str | Path, force: bool = False) -> Path:
+    """Write PEFT's adapter layout (adapter_config.json + adapter_model.safetensors)."""
+    adapter = to_adapter(gm)
+    layouts = {rec.layout for rec in require_state(gm).sites.values()}
+    extra = {"fan_in_fan_out": layouts == {"in_out"}}
+    return write_adapter(adapter, directory, force=force, extra_config=extra)
+
+
+def load_adapter(model: nn.Module, example_inputs: tuple[Any, ...], directory: str | Path,
+                 dynamic_shapes: Any = None) -> fx.GraphModule:
+    """Inject the adapter in ``directory`` (written by lorafx or PEFT) into ``model``."""
+    adapter = read_adapter(directory)
+    return apply_adapter(model, example_inputs, adapter, dynamic_shapes, where=str(directory))
+
+
+def apply_adapter(model: nn.Module, example_inputs: tuple[Any, ...], adapter: Adapter,
+                  dynamic_shapes: Any = None, where: str = "adapter") -> fx.GraphModule:
+    """Inject ``adapter.config`` and copy its weights in, checking every site and shape."""
+    config = LoraConfig.from_peft_dict(adapter.lorafx) if adapter.lorafx else \
+        copy.copy(adapter.config)
+    if not reads_weight(config.init_lora_weights):  # PiSSA/OLoRA recompute W_res, as PEFT
+        config.init_lora_weights = False
+    try:
+        gm = inject(model, example_inputs, config, dynamic_shapes)
+    except LoraFxError as err:
+        if "matches no site" not in str(err):
+            raise
+        first = sorted(adapter.lora)[0] if adapter.lora else "?"
+        raise LoraFxError(f"{where}: site {first!r} of the adapter is not in this model: the "
+                          f"adapter belongs to another model ({err})") from err
+    state = require_state(gm)
+    have, want = set(state.sites), set(adapter.lora)
+    if want - have:
+        raise LoraFxError(f"{where}: site {sorted(want - have)[0]!r} of the adapter is not in "
+                          "this model: the adapter belongs to another model")
+    if have - want:
+        raise LoraFxError(f"{where}: site {sorted(have - want)[0]!r} has no weights in the "
+                          "adapter: the adapter is incomplete or for another model")
+    with torch.no_grad():
+        for name, branch in branches(gm).items():
+            branch.load_factors(*adapter.lora[name], where=f"{where}: {name}")
+        load_magnitudes(gm, adapter.magnitude, where)  # DoRA's m (none for plain LoRA)
+        for key, t in adapter.saved.items():
+            try:
+                target = gm.get_parameter(key)
+            except AttributeError as err:
+                raise LoraFxError(f"{where}: saved module tensor {key!r} is not in this model"
+                                  ) from err
+            _copy_checked(target, t, f"{where}: {key}")
+    return gm
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if dst.shape != src.shape:
+        raise LoraFxError(f"{what} has shape {tuple(src.shape)} but the model needs "
+                          f"{tuple(dst.shape)}: the adapter belongs to another model")
+    if dst.is_meta:
+        return
+    dst.copy_(src.to(dst.dtype))
+

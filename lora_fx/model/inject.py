@@ -1,0 +1,66 @@
+"""Inject: capture, select, add a branch per site, freeze all but A, B (and modules_to_save).
+
+The result computes ``model``'s function plus Δ(x) = s·B(A(x)) at each site; its base
+parameters are shared with ``model`` and never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import fx, nn
+
+from ..config import LoraConfig
+from ..errors import LoraFxError
+from ..graph.attrs import set_attr_cow
+from ..passes.inject import inject_pass
+from ..passes.runner import run_pass
+from ..passes.state import STATE_KEY, LoraState
+from ..variants.dora import attach
+from ..variants.init import init_from_weights
+from .plan import plan
+
+
+def inject(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig,
+           dynamic_shapes: Any = None) -> fx.GraphModule:
+    """Capture ``model`` and add a LoRA branch at every site ``config`` targets.
+
+    The returned GraphModule computes what ``model`` did plus Δ(x) = s·B(A(x)) at each site; its
+    base parameters are frozen (shared with ``model``, never modified), only A, B and the
+    ``modules_to_save`` copies train.
+    """
+    gm, chosen, _ = plan(model, example_inputs, config, dynamic_shapes)
+    state = LoraState(config)
+    gm.meta[STATE_KEY] = state
+    run_pass("inject", inject_pass, gm, chosen, config, state)
+    init_from_weights(gm)  # PiSSA / OLoRA: A₀, B₀ from W, W → W − s·B₀A₀ (else a no-op)
+    attach(gm)  # DoRA: wire y, W, b into each branch, m = ‖W + s·B@A‖ (else a no-op)
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    for rec in state.sites.values():
+        for p in gm.get_submodule(rec.branch).parameters():
+            p.requires_grad_(True)
+    state.saved = _copy_saved_modules(gm, config)
+    gm.train(model.training)
+    return gm
+
+
+def _copy_saved_modules(gm: fx.GraphModule, config: LoraConfig) -> list[str]:
+    """modules_to_save: give each named module trainable copies of its parameters."""
+    saved: list[str] = []
+    for name, mod in list(gm.named_modules()):
+        if not name or not config.saves(name) or any(name.startswith(s + ".") for s in saved):
+            continue
+        if not any(True for _ in mod.parameters()):
+            continue
+        twin = copy.deepcopy(mod)
+        for p in twin.parameters():
+            p.requires_grad_(True)
+        set_attr_cow(gm, name, twin)
+        saved.append(name)
+    if config.modules_to_save and not saved:
+        raise LoraFxError(f"modules_to_save={config.modules_to_save!r} matches no module with "
+                          "parameters: name a module of the model (e.g. the task head)")
+    return saved
+

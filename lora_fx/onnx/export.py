@@ -1,0 +1,114 @@
+"""Export orchestration: prepare (merged / unmerged / lowered) → trace or reuse → save → verify.
+
+Merged export: W' = W + s·B@A folded first, so the file's op histogram is the base model's.
+Models past 2 GB get external data. Unmerged export: see ``onnx.unmerged``. ``dtype``
+fp16/bf16: merge in fp32, cast once, report the error against fp32.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .. import memory
+from ..capture.program import captured_program
+from ..model.merge import merge as merge_model
+from ..passes.state import get_state
+from .names import torch_dtype
+from .prepare import cast_inputs, lowered
+from .report import ExportReport, op_histogram
+from .rules import forget_rewriter_state
+from .save import save_program
+from .trace import to_onnx
+from .unmerged import deploy_module, export_unmerged
+from .verify import forward, torch_max_diff, verify_file
+
+
+def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path,
+                merge: bool = True, opset: int | None = None, verify: bool = True,
+                dynamic_shapes: Any = None, atol: float = 1e-4,
+                providers: list[str] | None = None, dtype: str | None = None,
+                model: nn.Module | None = None, release: bool = False) -> ExportReport:
+    """Export ``gm`` (an injected GraphModule, or any module) to ONNX at ``path``.
+
+    ``merge=True`` folds every branch first (the file is the base model's graph with new
+    weights); ``merge=False`` keeps each branch as MatMul(x, A')→MatMul(·, B')→Add with A', B'
+    as ONNX Runtime adapter inputs (``onnx_unmerged``). ``verify`` compares ONNX Runtime's
+    outputs with PyTorch's on ``example_inputs`` and raises LoraFxError above ``atol``.
+    ``dtype`` "fp16"/"bf16": merge in fp32, cast every floating weight once (see ``lowered``:
+    a torch.export capture also needs the eager ``model``); ``extras["error_vs_fp32"]`` holds
+    max |y − y_fp32| of PyTorch and ONNX Runtime, and verification allows
+    ``DTYPE_RTOL[dtype] · max(1, max |y_fp32|)``.
+
+    ``release=True`` (models too big for two copies) consumes the model: an fp32 merge folds
+    W' into each weight's own storage (``merge(inplace=True)``: no second copy), and after the
+    export PyTorch's outputs are kept, every weight of ``gm`` (and so of the user's model, which
+    shares them) is freed, then ONNX Runtime verifies; the model cannot run afterwards.
+    """
+
+    if dtype is not None:
+        torch_dtype(dtype)  # refuses an unknown dtype before any work
+    start = time.perf_counter()
+    dtype = None if dtype in (None, "fp32") else dtype
+    state = get_state(gm)
+    unmerged = not merge and state is not None
+    inplace = release and dtype is None  # a cast export merges a copy in fp32
+    reference: nn.Module = merge_model(gm, inplace=inplace) if merge and state is not None else gm
+    module, args = reference, tuple(example_inputs)
+    if unmerged:
+        module = deploy_module(gm)
+    if dtype is not None:
+        args = cast_inputs(args, dtype)
+        module = lowered(gm, module, unmerged, dtype, args, model, dynamic_shapes)
+    reuse = None if unmerged or dtype is not None or dynamic_shapes is not None \
+        else captured_program(module)  # the capture's own program: no second trace
+    if dynamic_shapes is None and isinstance(module, fx.GraphModule):
+        dynamic_shapes = _auto(args)
+    extras: dict[str, Any] = {}
+    # frozen: ~5% faster; not when memory is what counts (release): garbage made before the
+    # export (the merge's) would stay through its peak (+20 MB on a 2.2 GB model)
+    with nullcontext() if release else memory.collector_frozen():
+        if unmerged:
+            program, extras["lora_inputs"] = export_unmerged(module, args, dynamic_shapes,
+                                                             opset)
+        elif reuse is not None:
+            program = to_onnx(reuse, (), opset=opset)
+        else:
+            program = to_onnx(module, args, dynamic_shapes, opset)
+    memory.trim()  # what tracing and translating freed: not resident while saving
+    external, layout = save_program(program, Path(path))
+    report = ExportReport(Path(path), merge, 0.0, external, dict(op_histogram(
+        program.model)), extras=extras)
+    del program  # its IR may hold tensors of its own (folded constants): free them first
+    forget_rewriter_state()
+    if dtype is not None:
+        error = torch_max_diff(forward(module, args), forward(reference, example_inputs))
+        report.extras.update(dtype=dtype, error_vs_fp32={"pytorch": error})
+    want = forward(reference, example_inputs) if verify else None
+    if release:
+        release_weights(gm, reference, module, *([model] if model is not None else []))
+        memory.trim()
+    if want is not None:
+        verify_file(report, args, want, atol, providers, dtype, lean=release, layout=layout)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def release_weights(*modules: nn.Module) -> None:
+    """Free the memory of every parameter and buffer of ``modules`` (each becomes an empty
+    tensor of its dtype): anything sharing them, the user's model included, cannot run after."""
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+
+def _auto(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    auto = torch.export.Dim.AUTO
+    return tuple({i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
+                 for t in example_inputs)
+

@@ -1,0 +1,78 @@
+"""Prepare what is exported: a lowered (fp16/bf16) copy; merged in fp32, cast once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..capture.trace import CAPTURE_KEY, capture
+from ..errors import LoraFxError
+from ..graph.attrs import set_attr_cow
+from ..graph.copy import shallow_copy
+from ..model.adapters import apply_adapter, to_adapter
+from ..passes.state import get_state
+from .names import DTYPES, torch_dtype
+from .unmerged import deploy_module
+
+
+def lowered(gm: nn.Module, module: nn.Module, unmerged: bool, dtype: str,
+            args: tuple[Any, ...], model: nn.Module | None, dynamic_shapes: Any) -> nn.Module:
+    """``module`` (``gm`` merged in fp32, or its deploy form) with its weights cast once.
+
+    A symbolic-trace capture or plain module is cast in a copy. A torch.export capture is
+    specialized to fp32 (``to(float32)`` for ``to(x.dtype)``, metadata asserts), so the eager
+    ``model`` it came from is cast and captured again, as the model's code intends (fp32
+    upcasts such as RMSNorm's and rotary's stay fp32), and ``gm``'s merged site weights,
+    modules_to_save and branches (A', B' computed in fp32) are carried over.
+    """
+
+    if not (isinstance(gm, fx.GraphModule) and gm.meta.get(CAPTURE_KEY) == "export"):
+        return cast_module(module, dtype)
+    if model is None:
+        raise LoraFxError(f"a {dtype} export of a torch.export capture needs the eager model: "
+                          "pass model= (the module the GraphModule was captured from)")
+    low = cast_module(model, dtype)
+    state = get_state(gm)
+    if state is None:
+        return capture(low, args, dynamic_shapes)
+    for name in state.saved:
+        set_attr_cow(low, name, cast_module(gm.get_submodule(name), dtype))
+    if unmerged:
+        low_gm = apply_adapter(low, args, to_adapter(gm), dynamic_shapes)
+        return deploy_module(low_gm, source=gm, dtype=DTYPES[dtype])
+    for rec in state.sites.values():
+        weight = module.get_parameter(rec.weight).detach().to(DTYPES[dtype])
+        set_attr_cow(low, rec.weight, nn.Parameter(weight, requires_grad=False))
+    return capture(low, args, dynamic_shapes)
+
+
+def cast_module(module: nn.Module, dtype: str) -> nn.Module:
+    """A copy of ``module`` whose floating parameters and buffers are cast once to ``dtype``
+    (tied tensors stay tied); ``module`` and the user's model keep theirs (copy-on-write).
+    """
+
+    target = torch_dtype(dtype)
+    new = shallow_copy(module)
+    cast: dict[int, torch.Tensor] = {}
+    named = [*new.named_parameters(remove_duplicate=False),
+             *new.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        if not t.is_floating_point() or t.dtype == target:
+            continue
+        if id(t) not in cast:
+            low = t.detach().to(target)
+            cast[id(t)] = nn.Parameter(low, requires_grad=False) \
+                if isinstance(t, nn.Parameter) else low
+        set_attr_cow(new, name, cast[id(t)])
+    return new
+
+
+def cast_inputs(args: tuple[Any, ...], dtype: str) -> tuple[Any, ...]:
+    """Floating tensor inputs cast to ``dtype``; integer ones (token ids) unchanged."""
+    target = DTYPES[dtype]
+    return tuple(a.to(target) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+

@@ -1,0 +1,68 @@
+"""What an export produced: its report, the file's op histogram and initializer bytes (counted
+without copying a weight)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx_ir.traversal import RecursiveGraphIterator
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    merged: bool
+    seconds: float
+    external_data: bool
+    op_histogram: dict[str, int]
+    max_abs_diff: float | None = None
+    provider: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def op_histogram(model: Any) -> Counter[str]:
+    """``domain::op_type`` counts over the graph, its subgraphs and local functions.
+
+    ``model``: an ``onnx.ModelProto``, or an ``onnx_ir.Model`` (an ONNXProgram's ``.model``),
+    which is walked as is: ``program.model_proto`` would serialize every weight (a full copy).
+    """
+
+    if not isinstance(model, onnx.ModelProto):
+        return _ir_histogram(model)
+    counts: Counter[str] = Counter()
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            counts[f"{node.domain or 'ai.onnx'}::{node.op_type}"] += 1
+            for attr in node.attribute:
+                if attr.g is not None and attr.HasField("g"):
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            counts[f"{node.domain or 'ai.onnx'}::{node.op_type}"] += 1
+    return counts
+
+
+def _ir_histogram(model: Any) -> Counter[str]:
+    """``op_histogram`` of an ``onnx_ir.Model``: the same counts, no tensor touched."""
+
+    counts: Counter[str] = Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}"
+                                   for n in RecursiveGraphIterator(model.graph))
+    for fn in model.functions.values():
+        counts.update(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in fn)
+    return counts
+
+
+def initializer_bytes(model: Any) -> int:
+    """Bytes of an ``onnx_ir.Model``'s initializers (what external data would hold)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+

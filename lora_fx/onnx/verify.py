@@ -1,0 +1,116 @@
+"""Verify an exported file: ONNX Runtime's outputs against PyTorch's, max |Δ| <= atol.
+
+A cast export (fp16/bf16) allows ``DTYPE_RTOL[dtype] · max(1, max |y_fp32|)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .. import fileio
+from ..errors import LoraFxError, LoraFxWarning
+from ..ort import runtime
+from .names import DTYPE_RTOL
+from .report import ExportReport
+from .stream import Layout, external_view
+from .trace import eval_mode
+
+
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    """PyTorch outputs flattened as the exporter flattens them (tensors only)."""
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def forward(module: nn.Module, args: tuple[Any, ...]) -> list[torch.Tensor]:
+    """``module(*args)`` in eval mode without grad, outputs flattened; the mode is restored."""
+    with eval_mode(module), torch.no_grad():
+        return flat_outputs(module(*args))
+
+
+def torch_max_diff(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """max |got − want| over all outputs, in fp64."""
+    return max((float((g.double() - w.double()).abs().max()) for g, w in
+                zip(got, want, strict=True) if w.numel()), default=0.0)
+
+
+def verify_onnx(report: ExportReport, module: nn.Module, example_inputs: tuple[Any, ...],
+                atol: float = 1e-4, providers: list[str] | None = None,
+                run_inputs: tuple[Any, ...] | None = None, dtype: str | None = None) -> None:
+    """Run the file in ONNX Runtime and compare with PyTorch; raise above ``atol``.
+
+    A cast export (``dtype``) runs on ``run_inputs`` and is compared with ``module``'s fp32
+    outputs, allowing ``DTYPE_RTOL[dtype] · max(1, max |y|)``; a bf16 file that the provider
+    cannot run (no bf16 kernels on the CPU) is reported unverified with a warning.
+    """
+    verify_file(report, run_inputs if run_inputs is not None else example_inputs,
+                forward(module, example_inputs), atol, providers, dtype)
+
+
+def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.Tensor],
+                atol: float = 1e-4, providers: list[str] | None = None,
+                dtype: str | None = None, lean: bool = False,
+                layout: Layout | None = None) -> None:
+    """Run ``report.path`` in ONNX Runtime on ``inputs`` and compare with PyTorch's outputs
+    ``want``; raise above ``atol``. No model needs to be alive: for big models, compute
+    ``want``, release the model, then verify (one copy of the weights at a time); ``lean``:
+    a session that holds the weights once (``runtime.open_session``). ``layout``: the file
+    was streamed by ``onnx_stream.write_model``; ONNX Runtime loads it through a view that
+    maps its weights in place (``onnx_stream.external_view``) instead of copying them.
+    """
+
+    try:
+        with _loadable(report.path, layout) as model_file:
+            sess = runtime.open_session(model_file, providers, lean=lean)
+    except LoraFxError as err:
+        if dtype != "bf16" or "NOT_IMPLEMENTED" not in str(err):
+            raise
+        warnings.warn(f"{report.path} not verified: ONNX Runtime cannot run bf16 here ({err}); "
+                      "run it on the CUDA provider", LoraFxWarning, stacklevel=2)
+        report.extras["verify_skipped"] = str(err)
+        return
+    got = runtime.run(sess, inputs)
+    report.max_abs_diff = runtime.max_abs_diff(got, want)
+    report.provider = runtime.session_provider(sess)
+    limit = atol
+    if dtype is not None:
+        report.extras.setdefault("error_vs_fp32", {})["onnxruntime"] = report.max_abs_diff
+        scale = max((float(w.abs().max()) for w in want if w.numel()), default=0.0)
+        limit = max(atol, DTYPE_RTOL[dtype] * max(1.0, scale))
+    if not report.max_abs_diff <= limit:
+        raise LoraFxError(f"verification failed: max |ONNX Runtime - PyTorch| = "
+                          f"{report.max_abs_diff:.3g} > {limit:g} on {report.provider}; the file "
+                          f"{report.path} was written, do not deploy it")
+
+
+@contextmanager
+def _loadable(path: Path, layout: Layout | None) -> Iterator[Path]:
+    """``path``, or for a file that ``write_model`` streamed, a temporary view of it written
+    beside it and removed on exit (ONNX Runtime has mapped the weights by then); an error
+    naming the view names ``path`` instead. Where the view cannot be written (disk full),
+    ``path`` itself."""
+
+    if layout is None:
+        yield path
+        return
+    view = fileio.temp_path(path.parent, path.name)
+    try:
+        view.write_bytes(external_view(layout, path))
+    except OSError:
+        view.unlink(missing_ok=True)
+        yield path
+        return
+    try:
+        yield view
+    except LoraFxError as err:
+        raise LoraFxError(str(err).replace(str(view), str(path))) from err
+    finally:
+        view.unlink(missing_ok=True)
+

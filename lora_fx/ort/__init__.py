@@ -1,0 +1,2 @@
+"""ONNX Runtime: sessions and providers, adapter files, serving with hot-swapped adapters,
+fusions."""
