@@ -25,7 +25,7 @@ from torch import fx, nn
 from ..errors import LoraFxError
 from ..passes.runner import run_pass
 from .attention_dropout import attention_dropout_pass
-from .dropout import dropout_to_modules
+from .dropout import dropout_pass
 from .dynamic import auto_dynamic
 
 CAPTURE_KEY = "lorafx_capture"  # gm.meta[CAPTURE_KEY]: "symbolic_trace" or "export"
@@ -116,7 +116,7 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: A
     gm = fx.GraphModule(exported, exported.graph)
     gm.meta[CAPTURE_KEY] = "export"
     gm.meta["lorafx_program"] = ep  # lora_fx.fast.PROGRAM_KEY: ONNX export reuses it
-    dropout_to_modules(gm)
+    run_pass("dropout", dropout_pass, gm)
     run_pass("attention_dropout", attention_dropout_pass, gm, model)
     gm.train(was_training)
     return gm

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from typing import Any
 
 import click
 
+from ..config import LoraConfig
 from ..errors import LoraFxError
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def echo_json(data: Any) -> None:
@@ -59,3 +58,22 @@ def table(header: list[str], rows: list[list[str]]) -> str:
         lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
     return "\n".join(lines)
 
+
+
+def target_config(targets: tuple[str, ...], target_regex: str | None, rank: int,
+                  alpha: float | None, **fields: Any) -> LoraConfig:
+    """The LoraConfig of ``-t``/``--target-regex``/``-r``/``--alpha`` (alpha defaults to r;
+    ``-t all-linear`` is PEFT's "all-linear"), plus other LoraConfig ``fields``."""
+    if not targets and not target_regex:
+        raise LoraFxError("no target: pass -t NAME (repeatable) or --target-regex REGEX")
+    wanted: str | list[str] = target_regex if target_regex else (
+        "all-linear" if targets == ("all-linear",) else list(targets))
+    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                      target_modules=wanted, **fields)
+
+
+def site_json(site: Any, config: LoraConfig) -> dict[str, Any]:
+    """One site's row of ``inject``/``plan`` output: a matched Site or a planned one."""
+    return {"name": site.name, "form": site.form, "layout": site.layout,
+            "in_features": site.in_features, "out_features": site.out_features,
+            "r": config.rank_for(site.name), "scale": config.scale_for(site.name)}

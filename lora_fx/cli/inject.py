@@ -17,8 +17,9 @@ from ..load.model import load_model
 from ..model.adapters import save_adapter
 from ..model.inject import inject
 from ..model.params import count_parameters
+from ..model.plan import plan_model
 from ..passes.state import require_state
-from .common import echo_json, init_value, patterns, table
+from .common import echo_json, init_value, patterns, site_json, table, target_config
 
 
 @click.command("inject")
@@ -42,48 +43,47 @@ from .common import echo_json, init_value, patterns, table
 @click.option("--force", is_flag=True, help="Overwrite an existing adapter.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def inject_command(model: str, targets: tuple[str, ...], target_regex: str | None, rank: int,
-           alpha: float | None, dropout: float, rslora: bool, init: str,
-           rank_pattern: tuple[str, ...], alpha_pattern: tuple[str, ...],
-           modules_to_save: tuple[str, ...], output: str | None, dry_run: bool, as_json: bool,
-           force: bool, seed: int) -> None:
+                   alpha: float | None, dropout: float, rslora: bool, init: str,
+                   rank_pattern: tuple[str, ...], alpha_pattern: tuple[str, ...],
+                   modules_to_save: tuple[str, ...], output: str | None, dry_run: bool,
+                   as_json: bool, force: bool, seed: int) -> None:
     """Inject LoRA into MODEL and write a fresh adapter (B = 0) to -o DIR."""
-
-
-    if not targets and not target_regex:
-        raise LoraFxError("no target: pass -t NAME (repeatable) or --target-regex REGEX")
+    config = target_config(
+        targets, target_regex, rank, alpha, lora_dropout=dropout, use_rslora=rslora,
+        init_lora_weights=init_value(init), rank_pattern=patterns(rank_pattern, int),
+        alpha_pattern=patterns(alpha_pattern, float),
+        modules_to_save=list(modules_to_save) or None)
     if not dry_run and not output:
         raise LoraFxError("no output: pass -o DIR (or --dry-run to only plan)")
     if output and not dry_run and (Path(output) / WEIGHTS_NAME).exists() and not force:
         raise LoraFxError(f"{output} already holds an adapter: pass --force to overwrite it")
     if output and not dry_run:
         check_writable_dir(Path(output).parent.resolve())
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha if alpha is not None else rank,
-        target_modules=target_regex if target_regex else (
-            "all-linear" if targets == ("all-linear",) else list(targets)),
-        lora_dropout=dropout, use_rslora=rslora, init_lora_weights=init_value(init),
-        rank_pattern=patterns(rank_pattern, int), alpha_pattern=patterns(alpha_pattern, float),
-        modules_to_save=list(modules_to_save) or None)
     loaded = load_model(model, meta=dry_run)
+    if dry_run:  # the plan `lorafx plan` makes: the model on the meta device, counts only
+        report = plan_model(loaded.module, loaded.example_inputs, config, loaded.dynamic_shapes)
+        _print(config, report.sites, report.trainable_params, report.total_params,
+               report.saved_modules, None, as_json)
+        return
     torch.manual_seed(seed)  # after the model file ran: it may seed torch itself
     gm = inject(loaded.module, loaded.example_inputs, config, loaded.dynamic_shapes)
-    trainable, total = count_parameters(gm)
+    config.base_model_name_or_path = config.base_model_name_or_path or model
+    assert output is not None
+    save_adapter(gm, output, force=force)
     state = require_state(gm)
-    sites: list[dict[str, Any]] = [
-        {"name": s.name, "form": s.form, "layout": s.layout, "in_features": s.in_features,
-         "out_features": s.out_features, "r": config.rank_for(s.name),
-         "scale": config.scale_for(s.name)} for s in state.sites.values()]
-    if not dry_run:
-        assert output is not None
-        config.base_model_name_or_path = config.base_model_name_or_path or model
-        save_adapter(gm, output, force=force)
+    _print(config, list(state.sites.values()), *count_parameters(gm), state.saved, output,
+           as_json)
+
+
+def _print(config: LoraConfig, sites: list[Any], trainable: int, total: int,
+           saved: list[str], output: str | None, as_json: bool) -> None:
+    rows = [site_json(s, config) for s in sites]
     if as_json:
-        echo_json({"sites": sites, "trainable_params": trainable, "total_params": total,
-                    "modules_to_save": state.saved, "output": None if dry_run else output})
+        echo_json({"sites": rows, "trainable_params": trainable, "total_params": total,
+                   "modules_to_save": saved, "output": output})
         return
     click.echo(table(["site", "form", "in->out", "r"],
-                      [[s["name"], s["form"], f"{s['in_features']}->{s['out_features']}",
-                        str(s["r"])] for s in sites]))
+                     [[s["name"], s["form"], f"{s['in_features']}->{s['out_features']}",
+                       str(s["r"])] for s in rows]))
     click.echo(f"trainable: {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)")
-    click.echo("dry run: nothing written" if dry_run else f"adapter written to {output}")
-
+    click.echo(f"adapter written to {output}" if output else "dry run: nothing written")

@@ -9,9 +9,8 @@ import json
 
 import click
 
-from ..config import LoraConfig
-from ..errors import LoraFxError
 from ..model.plan import plan_spec
+from .common import target_config
 
 
 def _human(n: float, unit: str = "B") -> str:
@@ -32,18 +31,14 @@ def _human(n: float, unit: str = "B") -> str:
 @click.option("--modules-to-save", multiple=True, help="Module trained in full (e.g. a head).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def plan_command(model: str, targets: tuple[str, ...], target_regex: str | None, rank: int,
-         alpha: float | None, modules_to_save: tuple[str, ...], as_json: bool) -> None:
+                 alpha: float | None, modules_to_save: tuple[str, ...], as_json: bool) -> None:
     """Plan a LoRA on MODEL built on the meta device: no weight is allocated.
 
     Prints the sites, trainable / total parameters (as PEFT counts them), the adapter's size in
     fp16 and fp32, and this run's time and peak memory.
     """
-
-    if not targets and not target_regex:
-        raise LoraFxError("no target: pass -t NAME (repeatable) or --target-regex REGEX")
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
-                        target_modules=target_regex if target_regex else list(targets),
-                        modules_to_save=list(modules_to_save) or None)
+    config = target_config(targets, target_regex, rank, alpha,
+                           modules_to_save=list(modules_to_save) or None)
     report, measured = plan_spec(model, config)
     if as_json:
         click.echo(json.dumps({**report.to_json(), **measured}, indent=2))

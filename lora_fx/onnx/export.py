@@ -16,16 +16,15 @@ import torch
 from torch import fx, nn
 
 from .. import memory
+from ..capture.dynamic import auto_dynamic
 from ..capture.program import captured_program
-from ..model.merge import merge as merge_model
-from ..passes.state import get_state
 from .names import torch_dtype
-from .prepare import cast_inputs, lowered
+from .prepare import Prepared, prepare
 from .report import ExportReport, op_histogram
 from .rules import forget_rewriter_state
 from .save import save_program
 from .trace import to_onnx
-from .unmerged import deploy_module, export_unmerged
+from .unmerged import export_unmerged
 from .verify import forward, torch_max_diff, verify_file
 
 
@@ -38,7 +37,7 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
 
     ``merge=True`` folds every branch first (the file is the base model's graph with new
     weights); ``merge=False`` keeps each branch as MatMul(x, A')→MatMul(·, B')→Add with A', B'
-    as ONNX Runtime adapter inputs (``onnx_unmerged``). ``verify`` compares ONNX Runtime's
+    as ONNX Runtime adapter inputs (``onnx.unmerged``). ``verify`` compares ONNX Runtime's
     outputs with PyTorch's on ``example_inputs`` and raises LoraFxError above ``atol``.
     ``dtype`` "fp16"/"bf16": merge in fp32, cast every floating weight once (see ``lowered``:
     a torch.export capture also needs the eager ``model``); ``extras["error_vs_fp32"]`` holds
@@ -50,53 +49,54 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
     export PyTorch's outputs are kept, every weight of ``gm`` (and so of the user's model, which
     shares them) is freed, then ONNX Runtime verifies; the model cannot run afterwards.
     """
-
     if dtype is not None:
         torch_dtype(dtype)  # refuses an unknown dtype before any work
     start = time.perf_counter()
-    dtype = None if dtype in (None, "fp32") else dtype
-    state = get_state(gm)
-    unmerged = not merge and state is not None
-    inplace = release and dtype is None  # a cast export merges a copy in fp32
-    reference: nn.Module = merge_model(gm, inplace=inplace) if merge and state is not None else gm
-    module, args = reference, tuple(example_inputs)
-    if unmerged:
-        module = deploy_module(gm)
-    if dtype is not None:
-        args = cast_inputs(args, dtype)
-        module = lowered(gm, module, unmerged, dtype, args, model, dynamic_shapes)
-    reuse = None if unmerged or dtype is not None or dynamic_shapes is not None \
-        else captured_program(module)  # the capture's own program: no second trace
-    if dynamic_shapes is None and isinstance(module, fx.GraphModule):
-        dynamic_shapes = _auto(args)
+    prep = prepare(gm, example_inputs, merge, dtype, model, dynamic_shapes, inplace=release)
+    program, extras = trace(prep, dynamic_shapes, opset, release)
+    memory.trim()  # what tracing and translating freed: not resident while saving
+    external, layout = save_program(program, Path(path))
+    report = ExportReport(Path(path), merge, 0.0, external, dict(op_histogram(program.model)),
+                          extras=extras)
+    del program  # its IR may hold tensors of its own (folded constants): free them first
+    forget_rewriter_state()
+    if prep.dtype is not None:
+        error = torch_max_diff(forward(prep.module, prep.args),
+                               forward(prep.reference, example_inputs))
+        report.extras.update(dtype=prep.dtype, error_vs_fp32={"pytorch": error})
+    want = forward(prep.reference, example_inputs) if verify else None
+    if release:
+        release_weights(gm, prep.reference, prep.module, *([model] if model else []))
+        memory.trim()
+    if want is not None:
+        verify_file(report, prep.args, want, atol, providers, prep.dtype, lean=release,
+                    layout=layout)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def trace(prep: Prepared, dynamic_shapes: Any, opset: int | None, release: bool
+          ) -> tuple[Any, dict[str, Any]]:
+    """Stage 2: the ONNXProgram of ``prep.module``, and the report's extras. A merged or base
+    module whose graph is still the captured one reuses the capture's program (no second
+    trace); every other module is traced with ``dynamic_shapes`` (default: Dim.AUTO on every
+    axis of a GraphModule's inputs)."""
+    reuse = None if prep.unmerged or prep.dtype is not None or dynamic_shapes is not None \
+        else captured_program(prep.module)
+    if dynamic_shapes is None and isinstance(prep.module, fx.GraphModule):
+        dynamic_shapes = auto_dynamic(prep.args)
     extras: dict[str, Any] = {}
-    # frozen: ~5% faster; not when memory is what counts (release): garbage made before the
-    # export (the merge's) would stay through its peak (+20 MB on a 2.2 GB model)
+    # frozen: faster; not when memory is what counts (release): garbage made before the export
+    # (the merge's) would stay through its peak
     with nullcontext() if release else memory.collector_frozen():
-        if unmerged:
-            program, extras["lora_inputs"] = export_unmerged(module, args, dynamic_shapes,
-                                                             opset)
+        if prep.unmerged:
+            program, extras["lora_inputs"] = export_unmerged(prep.module, prep.args,
+                                                             dynamic_shapes, opset)
         elif reuse is not None:
             program = to_onnx(reuse, (), opset=opset)
         else:
-            program = to_onnx(module, args, dynamic_shapes, opset)
-    memory.trim()  # what tracing and translating freed: not resident while saving
-    external, layout = save_program(program, Path(path))
-    report = ExportReport(Path(path), merge, 0.0, external, dict(op_histogram(
-        program.model)), extras=extras)
-    del program  # its IR may hold tensors of its own (folded constants): free them first
-    forget_rewriter_state()
-    if dtype is not None:
-        error = torch_max_diff(forward(module, args), forward(reference, example_inputs))
-        report.extras.update(dtype=dtype, error_vs_fp32={"pytorch": error})
-    want = forward(reference, example_inputs) if verify else None
-    if release:
-        release_weights(gm, reference, module, *([model] if model is not None else []))
-        memory.trim()
-    if want is not None:
-        verify_file(report, args, want, atol, providers, dtype, lean=release, layout=layout)
-    report.seconds = time.perf_counter() - start
-    return report
+            program = to_onnx(prep.module, prep.args, dynamic_shapes, opset)
+    return program, extras
 
 
 def release_weights(*modules: nn.Module) -> None:
@@ -105,10 +105,3 @@ def release_weights(*modules: nn.Module) -> None:
     for module in modules:
         for t in [*module.parameters(), *module.buffers()]:
             t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-
-
-def _auto(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    auto = torch.export.Dim.AUTO
-    return tuple({i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
-                 for t in example_inputs)
-

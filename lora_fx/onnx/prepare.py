@@ -1,8 +1,14 @@
-"""Prepare what is exported: a lowered (fp16/bf16) copy; merged in fp32, cast once.
+"""Stage 1 of an export: prepare what is traced and what it must equal.
+
+Merged: W' = W + s·B@A folded first (``model.merge``), so the file's graph is the base model's.
+Unmerged: each branch becomes ``OnnxBranch`` (``onnx.unmerged``). fp16/bf16 (``lowered``): merged
+or converted in fp32 first, every floating weight cast once; the reference stays fp32, so the
+file's error against fp32 can be reported.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,9 +19,40 @@ from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.copy import shallow_copy
 from ..model.adapters import apply_adapter, to_adapter
+from ..model.merge import merge
 from ..passes.state import get_state
 from .names import DTYPES, torch_dtype
 from .unmerged import deploy_module
+
+
+@dataclass
+class Prepared:
+    """What one export traces and checks against."""
+
+    reference: nn.Module     # fp32 PyTorch whose outputs the file must equal (merged, or gm)
+    module: nn.Module        # what is traced: the reference, its deploy form, or a lowered copy
+    args: tuple[Any, ...]    # the module's example inputs (floating ones cast when lowered)
+    unmerged: bool
+    dtype: str | None        # None for fp32
+
+
+def prepare(gm: nn.Module, example_inputs: tuple[Any, ...], merge_branches: bool,
+            dtype: str | None, model: nn.Module | None, dynamic_shapes: Any,
+            inplace: bool) -> Prepared:
+    """The export's module, inputs and fp32 reference. ``inplace``: an fp32 merge folds W' into
+    each weight's own storage (``merge(inplace=True)``, for models too big for two copies)."""
+    dtype = None if dtype in (None, "fp32") else dtype
+    state = get_state(gm)
+    unmerged = not merge_branches and state is not None
+    reference: nn.Module = merge(gm, inplace=inplace and dtype is None) \
+        if merge_branches and state is not None else gm
+    module, args = reference, tuple(example_inputs)
+    if unmerged:
+        module = deploy_module(gm)
+    if dtype is not None:
+        args = cast_inputs(args, dtype)
+        module = lowered(gm, module, unmerged, dtype, args, model, dynamic_shapes)
+    return Prepared(reference, module, args, unmerged, dtype)
 
 
 def lowered(gm: nn.Module, module: nn.Module, unmerged: bool, dtype: str,

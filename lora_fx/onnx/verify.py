@@ -41,18 +41,6 @@ def torch_max_diff(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
                 zip(got, want, strict=True) if w.numel()), default=0.0)
 
 
-def verify_onnx(report: ExportReport, module: nn.Module, example_inputs: tuple[Any, ...],
-                atol: float = 1e-4, providers: list[str] | None = None,
-                run_inputs: tuple[Any, ...] | None = None, dtype: str | None = None) -> None:
-    """Run the file in ONNX Runtime and compare with PyTorch; raise above ``atol``.
-
-    A cast export (``dtype``) runs on ``run_inputs`` and is compared with ``module``'s fp32
-    outputs, allowing ``DTYPE_RTOL[dtype] · max(1, max |y|)``; a bf16 file that the provider
-    cannot run (no bf16 kernels on the CPU) is reported unverified with a warning.
-    """
-    verify_file(report, run_inputs if run_inputs is not None else example_inputs,
-                forward(module, example_inputs), atol, providers, dtype)
-
 
 def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.Tensor],
                 atol: float = 1e-4, providers: list[str] | None = None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 
-import torch
 from torch import fx, nn
 
 from ..branches.base import LoraBranch
@@ -22,12 +21,6 @@ from ..match.matcher import weight_readers
 from .runner import PassResult
 from .state import NODE_KEY, SiteRecord
 from .untie import untie
-
-
-def folded_weight(weight: torch.Tensor, branch: LoraBranch, layout: str,
-                  site: str) -> torch.Tensor:
-    """W + ΔW in fp32, cast once to W's dtype; LoraFxError when the result is not finite."""
-    return branch.fold(weight, layout, where=site)
 
 
 def erase_branches(graph: fx.Graph) -> int:
@@ -75,4 +68,5 @@ def merge_pass(gm: fx.GraphModule, sites: Mapping[str, SiteRecord],
         else:
             set_attr_cow(gm, rec.weight, merged)
     erased = erase_branches(gm.graph)
-    return PassResult(gm, erased > 0, {"merged": len(sites), "untied": untied, "erased": erased})
+    counts = {"merged": len(sites), "untied": untied, "erased": erased}
+    return PassResult(gm, erased > 0 or untied > 0, counts)
