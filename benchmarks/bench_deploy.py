@@ -11,7 +11,7 @@ MatMul→MatMul→Add with A', B' as adapter inputs). Variants timed, each on it
 - ``unmerged/defaults``: no adapter active (the exported adapter's initializers);
 - ``unmerged/adapter``: a second adapter of another rank active through
   ``RunOptions.add_active_adapter`` (ONNX Runtime feeds its parameters per call);
-- ``unmerged/bound``: the same adapter bound by ``lora_fx.serving`` through I/O binding.
+- ``unmerged/bound``: the same adapter bound by ``lora_fx.ort.serving`` through I/O binding.
 
 Per variant and batch: the median of ``--repeat`` calls after warm-up (variants interleaved,
 so load changes fall on all alike), with the 10th-90th percentile spread, and the ratio of

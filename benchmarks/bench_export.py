@@ -239,7 +239,7 @@ def run(quick: bool, kinds: list[str], reps: int, memory: bool) -> list[common.R
                 "merge+export", s.name, "lorafx export_onnx(merge=True)",
                 "peft ... torch.onnx.export (onnxscript matched op type first)", t["lorafx"],
                 t["peft-fixed"], note="PEFT's export given lorafx's fix of onnxscript's "
-                "matcher (lora_fx.onnxscript_rules): what lorafx's own path adds"))
+                "matcher (lora_fx.onnx.rules): what lorafx's own path adds"))
         rows.append(common.row("adapter size", s.name, "adapter_model.safetensors",
                                "model parameters", [size], [model_bytes], metric="bytes",
                                note=f"r={R}, targets {','.join(s.targets)}"))

@@ -4,7 +4,7 @@ Cases (each with the same LoRA, A and B random and non-zero):
 
 - ``ort merged``: ``lora_fx.export_onnx(merge=True)`` in ONNX Runtime;
 - ``ort base``: the base model's export (no LoRA) in ONNX Runtime: merged must cost the same;
-- ``ort merged+fused``: the merged file after ``lora_fx.ort_optimize.optimize_onnx``
+- ``ort merged+fused``: the merged file after ``lora_fx.ort.optimize.optimize_onnx``
   (ONNX Runtime's transformer fusions), checked equal to the plain file;
 - ``ort unmerged``: ``export_onnx(merge=False)``, branches kept in the graph;
 - ``eager merged``: lorafx's merged GraphModule; ``eager peft``: PEFT's unmerged model;

@@ -5,8 +5,8 @@ A step is ``zero_grad; loss = CE(model(ids)); loss.backward(); AdamW.step()``. V
 - ``full``: every parameter trains (the model without LoRA);
 - ``peft``: ``peft.get_peft_model`` with PEFT's default targets for the architecture;
 - ``lorafx``: ``lora_fx.inject`` on the same model, same A and B (checked: same loss);
-- ``lorafx-fused``: ``lora_fx.fast.fuse_branches`` on top (scale inside one addmm per site);
-- ``lorafx-fast``: ``lora_fx.fast.training_graph`` (branches fused and the written-out tanh
+- ``lorafx-fused``: ``lora_fx.fuse_branches`` on top (scale inside one addmm per site);
+- ``lorafx-fast``: ``lora_fx.training_graph`` (branches fused and the written-out tanh
   GELU as one kernel), the graph lorafx trains with;
 - ``frozen``: the floor of any LoRA implementation: the base model with nothing trainable,
   each target module's output made to require grad (as a LoRA branch makes it), so that the

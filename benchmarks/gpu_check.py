@@ -9,7 +9,7 @@ Without CUDA (no CUDAExecutionProvider in onnxruntime, or no driver) it prints
 
 1. equality: the CUDA session's outputs against the CPU session's, for the merged model, the
    unmerged model with no adapter, with Y through ``RunOptions.add_active_adapter`` and with Y
-   bound by ``lora_fx.serving`` (I/O binding, parameters on the GPU); and the CUDA outputs
+   bound by ``lora_fx.ort.serving`` (I/O binding, parameters on the GPU); and the CUDA outputs
    against PyTorch's fp32 forward (PEFT-free: lorafx's injected model), limit 1e-3 (TF32);
 2. precision: fp16 and bf16 merged exports verified on the CUDA provider (ONNX Runtime's CPU
    provider has no bf16 kernels), error against fp32 reported;

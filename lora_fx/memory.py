@@ -48,19 +48,17 @@ def collector_frozen() -> Iterator[None]:
     """Exclude every object alive at entry from Python's cyclic collector until exit.
 
     A full (generation-2) collection walks every live container object. With a Hugging Face
-    model and the exporter loaded that is ~0.7 M objects and 0.2-0.5 s per collection, and an
-    ONNX export, which allocates millions of objects, triggers one or two (4-10% of a GPT-2
-    export). None of those old objects becomes garbage there.
+    model and the exporter loaded that is most of a million objects, and an ONNX export, which
+    allocates millions of objects, triggers one or two. None of those old objects becomes
+    garbage there.
     ``gc.freeze()`` moves them out of the collector's view, so collections walk only what the
     phase itself allocated (which is still collected as usual); ``gc.unfreeze()`` puts them
     back, on any exit. Cycles among the old objects wait for the next full collection after
     exit, and that one may come sooner than it would have: a full collection inside counts only
     the phase's survivors as long-lived. So about one full collection moves to after the phase.
-    Charging that one to the export, as ``benchmarks/bench_export.py`` does, an export of
-    GPT-2 small takes 0.95x the time. Garbage made before entry (a merge's) is frozen too, so
-    it stays until after the phase: +20 MB through a 2.2 GB model's export, which is why
-    ``export_onnx(release=True)`` (memory first) does not freeze. A capture
-    (``torch.export``) gains nothing measurable, so it is not frozen either.
+    ``benchmarks/bench_export.py`` charges that one to the export. Garbage made before entry (a
+    merge's) is frozen too, so it stays until after the phase, which is why
+    ``export_onnx(release=True)`` (memory first) does not freeze.
 
     Does nothing when the caller has frozen objects itself (``gc.get_freeze_count() > 0``):
     unfreezing would thaw theirs too.

@@ -1,4 +1,4 @@
-"""lora_fx.fast: fused branches equal PEFT; ONNX export reuses the captured program safely."""
+"""lora_fx.train.fast: fused branches equal PEFT; ONNX export reuses the captured program safely."""
 
 from __future__ import annotations
 

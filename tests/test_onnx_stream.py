@@ -1,4 +1,4 @@
-"""lora_fx.onnx_stream: the streamed file parses to exactly what onnx_ir.save writes."""
+"""lora_fx.onnx.stream: the streamed file parses to exactly what onnx_ir.save writes."""
 
 from __future__ import annotations
 

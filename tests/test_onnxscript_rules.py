@@ -1,4 +1,4 @@
-"""lora_fx.onnxscript_rules.op_type_first: onnxscript's rewrites, unchanged, with fewer match
+"""lora_fx.onnx.rules.op_type_first: onnxscript's rewrites, unchanged, with fewer match
 set-ups; every rule's own matcher back afterwards."""
 
 from __future__ import annotations

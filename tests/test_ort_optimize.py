@@ -1,4 +1,4 @@
-"""lora_fx.ort_optimize: ONNX Runtime's transformer fusions, checked like any export."""
+"""lora_fx.ort.optimize: ONNX Runtime's transformer fusions, checked like any export."""
 
 from __future__ import annotations
 

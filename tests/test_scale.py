@@ -274,7 +274,7 @@ def test_export_release_frees_weights_then_verifies(tmp_path: Any, monkeypatch: 
 
 
 def test_plan_command_reports_adapter_size() -> None:
-    """``lorafx plan`` (lora_fx.commands.scale): GPT-3 r=4 on W_q, W_v, straight from --json."""
+    """``lorafx plan`` (lora_fx.cli.plan): GPT-3 r=4 on W_q, W_v, straight from --json."""
     from click.testing import CliRunner
 
     from lora_fx.cli.plan import plan_command as plan

@@ -19,15 +19,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..branches.base import lora_delta
 from ..config import LoraConfig
 from ..errors import LoraFxError
 from ..fileio import atomic_dir
 
+Factors = tuple[torch.Tensor, torch.Tensor]  # one site's (A, B), PEFT's layouts
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LORAFX_NAME = "lorafx_config.json"  # lorafx only: {"config": lorafx's, "peft_config": PEFT's}
 PREFIX = "base_model.model."
-MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m [out], PEFT's key suffix
+MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's m [out] (LoraBranch.extra_tensors key)
+MAGNITUDE = "." + MAGNITUDE_KEY  # PEFT's key suffix
 KEYS = {"linear": (".lora_A.weight", ".lora_B.weight"),
         "embedding": (".lora_embedding_A", ".lora_embedding_B")}
 
@@ -46,7 +49,7 @@ class Adapter:
     def delta(self, site: str) -> torch.Tensor:
         """ΔW = s · B @ A in fp32, shaped like a [out, in] weight."""
         a, b = self.lora[site]
-        return self.config.scale_for(site) * (b.float().flatten(1) @ a.float().flatten(1))
+        return lora_delta(a, b, self.config.scale_for(site))
 
 
 def to_state(adapter: Adapter) -> dict[str, torch.Tensor]:

@@ -23,9 +23,8 @@ import torch
 from ..config import LoraConfig
 from ..errors import LoraFxError
 from .analysis import AdapterLike, as_adapter, check_finite, factors, lowrank_svd
-from .peft import Adapter
+from .peft import Adapter, Factors
 
-Factors = tuple[torch.Tensor, torch.Tensor]  # (A (k, in), B (out, k)), 2-D, float64
 METHODS = ("linear", "cat", "svd")
 
 

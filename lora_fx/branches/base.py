@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..errors import LoraFxError
+
+if TYPE_CHECKING:
+    from ..passes.state import SiteRecord
 
 
 class Factor(nn.Module):
@@ -38,6 +41,11 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
         with torch.no_grad():
             dst.copy_(src.to(dst.dtype))
 
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW = s · B @ A in fp32 from PEFT's factors A (r, in, …), B (out, r, …), as [out, in]."""
+    return scale * (b.float().flatten(1) @ a.float().flatten(1))
 
 class LoraBranch(nn.Module):
     """Δ(x) = s · B(A(x)) added to one op's output; subclasses fix what A and B are.
@@ -80,6 +88,33 @@ class LoraBranch(nn.Module):
         """Copy PEFT's (A, B) in, checking shapes (the inverse of :meth:`peft_factors`)."""
         copy_checked(weight_of(self.lora_A), a, f"{where}.lora_A")
         copy_checked(weight_of(self.lora_B), b, f"{where}.lora_B")
+
+    # --- hooks through which variants reach the pipeline (defaults: plain LoRA) -------------
+    def on_inject(self, gm: fx.GraphModule, site: SiteRecord, delta: fx.Node) -> bool:
+        """Called by the inject step for each of the site's ``delta`` nodes (``lora.<site>(x)``);
+        a variant that reads more than x (DoRA: y, W, b) wires it in here. Returns whether the
+        graph changed."""
+        return False
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors PEFT saves for the site besides A and B, by key suffix (DoRA:
+        ``lora_magnitude_vector``), detached."""
+        return {}
+
+    def load_extra(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Copy in what :meth:`extra_tensors` saved; an adapter with more is inconsistent."""
+        if tensors:
+            raise LoraFxError(f"{where}: the adapter has {sorted(tensors)[0]}, which a plain "
+                              "LoRA site does not take (use_dora is false in its config): the "
+                              "adapter is inconsistent")
+
+    def unmerged_refusal(self, site: str) -> str | None:
+        """Why an unmerged ONNX export cannot keep this branch as MatMul adapter inputs, or
+        None when it can: Δ(x) must be (x A') B' with A' = Aᵀ, B' = s·Bᵀ."""
+        if self.kind != "linear":
+            return (f"site {site!r} has a {self.kind} LoRA, which an unmerged ONNX export cannot "
+                    "keep as MatMul inputs: export it merged (--merge)")
+        return None
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraFxError
-from .base import LoraBranch, copy_checked, weight_of
+from .base import LoraBranch, copy_checked, lora_delta, weight_of
 
 
 def _init_linear_factors(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:
@@ -51,7 +51,7 @@ class LoraLinear(LoraBranch):
 
     def delta_weight(self, layout: str = "out_in") -> torch.Tensor:
         """ΔW = s · B @ A in fp32, [out, in] (its transpose for layout "in_out")."""
-        delta = self.scaling * (weight_of(self.lora_B).float() @ weight_of(self.lora_A).float())
+        delta = lora_delta(weight_of(self.lora_A), weight_of(self.lora_B), self.scaling)
         return delta.t() if layout == "in_out" else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

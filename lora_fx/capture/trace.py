@@ -27,6 +27,7 @@ from ..passes.runner import run_pass
 from .attention_dropout import attention_dropout_pass
 from .dropout import dropout_pass
 from .dynamic import auto_dynamic
+from .program import PROGRAM_KEY
 
 CAPTURE_KEY = "lorafx_capture"  # gm.meta[CAPTURE_KEY]: "symbolic_trace" or "export"
 
@@ -115,7 +116,7 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: A
     exported = ep.module()
     gm = fx.GraphModule(exported, exported.graph)
     gm.meta[CAPTURE_KEY] = "export"
-    gm.meta["lorafx_program"] = ep  # lora_fx.fast.PROGRAM_KEY: ONNX export reuses it
+    gm.meta[PROGRAM_KEY] = ep  # ONNX export reuses it (capture.program)
     run_pass("dropout", dropout_pass, gm)
     run_pass("attention_dropout", attention_dropout_pass, gm, model)
     gm.train(was_training)

@@ -1,5 +1,5 @@
 """``lorafx analyze``, ``lorafx resize`` and ``lorafx combine``: thin click layers over
-:mod:`lora_fx.analysis` and :mod:`lora_fx.surgery`.
+:mod:`lora_fx.adapter.analysis` and :mod:`lora_fx.adapter.surgery`.
 
 The library is imported inside each command so that ``lorafx --help`` stays fast.
 """

@@ -13,13 +13,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..adapter.peft import Adapter, read_adapter, write_adapter
-from ..branches.base import LoraBranch
+from ..adapter.peft import MAGNITUDE_KEY, Adapter, read_adapter, write_adapter
+from ..branches.base import LoraBranch, copy_checked
 from ..branches.linear import LoraFused
 from ..config import LoraConfig
 from ..errors import LoraFxError
 from ..passes.state import require_state
-from ..variants.dora import load_magnitudes, magnitudes
 from ..variants.init import reads_weight
 from .inject import inject
 from .params import branches
@@ -39,7 +38,9 @@ def to_adapter(gm: nn.Module) -> Adapter:
     saved = {f"{name}.{pname}": p.detach() for name in state.saved
              for pname, p in gm.get_submodule(name).named_parameters()}
     config, lorafx = _peft_view(state.config, list(state.sites), brs)
-    return Adapter(config, lora, saved, kinds, lorafx, magnitude=magnitudes(gm))
+    magnitude = {name: extra[MAGNITUDE_KEY] for name, b in brs.items()
+                 if MAGNITUDE_KEY in (extra := b.extra_tensors())}
+    return Adapter(config, lora, saved, kinds, lorafx, magnitude=magnitude)
 
 
 def _peft_view(config: LoraConfig, sites: list[str], brs: dict[str, LoraBranch]
@@ -63,10 +64,15 @@ def _peft_view(config: LoraConfig, sites: list[str], brs: dict[str, LoraBranch]
 def save_adapter(gm: nn.Module, directory: str | Path, force: bool = False) -> Path:
     """Write PEFT's adapter layout (adapter_config.json + adapter_model.safetensors)."""
     adapter = to_adapter(gm)
-    layouts = {rec.layout for rec in require_state(gm).sites.values()}
-    extra = {"fan_in_fan_out": layouts == {"in_out"}}
+    extra = layout_config(gm)
     return write_adapter(adapter, directory, force=force, extra_config=extra)
 
+
+
+def layout_config(gm: nn.Module) -> dict[str, bool]:
+    """PEFT's ``fan_in_fan_out``: True when every site's weight is [in, out] (HF Conv1D)."""
+    layouts = {rec.layout for rec in require_state(gm).sites.values()}
+    return {"fan_in_fan_out": layouts == {"in_out"}}
 
 def load_adapter(model: nn.Module, example_inputs: tuple[Any, ...], directory: str | Path,
                  dynamic_shapes: Any = None) -> fx.GraphModule:
@@ -98,25 +104,22 @@ def apply_adapter(model: nn.Module, example_inputs: tuple[Any, ...], adapter: Ad
     if have - want:
         raise LoraFxError(f"{where}: site {sorted(have - want)[0]!r} has no weights in the "
                           "adapter: the adapter is incomplete or for another model")
+    load_weights(gm, adapter, where)
+    return gm
+
+
+def load_weights(gm: nn.Module, adapter: Adapter, where: str) -> None:
+    """Copy ``adapter``'s tensors into the injected ``gm`` with the same sites: A and B, each
+    branch's extras (DoRA's m) and the modules_to_save tensors, checking every shape."""
     with torch.no_grad():
         for name, branch in branches(gm).items():
             branch.load_factors(*adapter.lora[name], where=f"{where}: {name}")
-        load_magnitudes(gm, adapter.magnitude, where)  # DoRA's m (none for plain LoRA)
+            extra = {MAGNITUDE_KEY: adapter.magnitude[name]} if name in adapter.magnitude else {}
+            branch.load_extra(extra, f"{where}: {name}")
         for key, t in adapter.saved.items():
             try:
                 target = gm.get_parameter(key)
             except AttributeError as err:
                 raise LoraFxError(f"{where}: saved module tensor {key!r} is not in this model"
                                   ) from err
-            _copy_checked(target, t, f"{where}: {key}")
-    return gm
-
-
-def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
-    if dst.shape != src.shape:
-        raise LoraFxError(f"{what} has shape {tuple(src.shape)} but the model needs "
-                          f"{tuple(dst.shape)}: the adapter belongs to another model")
-    if dst.is_meta:
-        return
-    dst.copy_(src.to(dst.dtype))
-
+            copy_checked(target, t, f"{where}: {key}")

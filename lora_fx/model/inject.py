@@ -17,9 +17,9 @@ from ..graph.attrs import set_attr_cow
 from ..passes.inject import inject_pass
 from ..passes.runner import run_pass
 from ..passes.state import STATE_KEY, LoraState
-from ..variants.dora import attach
+from ..passes.variant_hooks import variant_hooks_pass
 from ..variants.init import init_from_weights
-from .plan import plan
+from .plan import plan, saved_modules
 
 
 def inject(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig,
@@ -35,7 +35,7 @@ def inject(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig
     gm.meta[STATE_KEY] = state
     run_pass("inject", inject_pass, gm, chosen, config, state)
     init_from_weights(gm)  # PiSSA / OLoRA: A₀, B₀ from W, W → W − s·B₀A₀ (else a no-op)
-    attach(gm)  # DoRA: wire y, W, b into each branch, m = ‖W + s·B@A‖ (else a no-op)
+    run_pass("variant_hooks", variant_hooks_pass, gm)  # DoRA: wire y, W, b; set m
     for p in gm.parameters():
         p.requires_grad_(False)
     for rec in state.sites.values():
@@ -49,11 +49,7 @@ def inject(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig
 def _copy_saved_modules(gm: fx.GraphModule, config: LoraConfig) -> list[str]:
     """modules_to_save: give each named module trainable copies of its parameters."""
     saved: list[str] = []
-    for name, mod in list(gm.named_modules()):
-        if not name or not config.saves(name) or any(name.startswith(s + ".") for s in saved):
-            continue
-        if not any(True for _ in mod.parameters()):
-            continue
+    for name, mod in saved_modules(gm, config):
         twin = copy.deepcopy(mod)
         for p in twin.parameters():
             p.requires_grad_(True)

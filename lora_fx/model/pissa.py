@@ -11,13 +11,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..adapter.peft import Adapter, read_adapter, write_adapter
-from ..adapter.surgery import Factors
+from ..adapter.peft import Adapter, Factors, read_adapter, write_adapter
 from ..config import LoraConfig
 from ..errors import LoraFxError
 from ..passes.state import require_state
 from ..variants.init import INIT_KEY, reads_weight
-from .adapters import apply_adapter, to_adapter
+from .adapters import apply_adapter, layout_config, to_adapter
 
 
 def _doubled_config(config: LoraConfig) -> LoraConfig:
@@ -61,9 +60,8 @@ def to_plain_lora(gm: nn.Module) -> Adapter:
 def save_plain_lora(gm: nn.Module, directory: str | Path, force: bool = False) -> Path:
     """Write :func:`to_plain_lora` of ``gm`` in PEFT's layout (for the original base model)."""
 
-    layouts = {rec.layout for rec in require_state(gm).sites.values()}
     return write_adapter(to_plain_lora(gm), directory, force=force,
-                         extra_config={"fan_in_fan_out": layouts == {"in_out"}})
+                         extra_config=layout_config(gm))
 
 
 def load_on_residual(model: nn.Module, example_inputs: tuple[Any, ...],

@@ -123,15 +123,15 @@ def adapter_bytes(trainable: int, dtype: torch.dtype = torch.float16) -> int:
     return trainable * torch.empty((), dtype=dtype, device="meta").element_size()
 
 
-def _saved_modules(gm: fx.GraphModule, config: LoraConfig) -> list[tuple[str, int]]:
-    """(path, parameter count) of each module that ``modules_to_save`` copies (as api.inject)."""
-    saved: list[tuple[str, int]] = []
+def saved_modules(gm: fx.GraphModule, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """The modules ``modules_to_save`` names that hold parameters, outermost first (a saved
+    module's children are saved with it): what inject copies and plan counts."""
+    saved: list[tuple[str, nn.Module]] = []
     for name, mod in gm.named_modules():
         if not name or not config.saves(name) or any(name.startswith(s + ".") for s, _ in saved):
             continue
-        count = sum(p.numel() for p in mod.parameters())
-        if count:
-            saved.append((name, count))
+        if any(True for _ in mod.parameters()):
+            saved.append((name, mod))
     return saved
 
 
@@ -152,7 +152,8 @@ def plan_model(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraCo
                     s.name, s.form, s.layout, s.in_features, s.out_features,
                     config.rank_for(s.name), config.scale_for(s.name),
                     sum(p.numel() for p in branch.parameters()))
-    saved = _saved_modules(gm, config)
+    saved = [(name, sum(p.numel() for p in mod.parameters()))
+             for name, mod in saved_modules(gm, config)]
     trainable = sum(s.params for s in sites.values()) + sum(n for _, n in saved)
     base = sum(p.numel() for p in gm.parameters())
     skipped = [{"name": k.name, "form": k.form, "reason": k.reason} for k in skips]

@@ -11,7 +11,7 @@ without them).
   (``SlicesSplit``) indexes every node of the graph by op type, for every node it is tried on:
   O(rules · n) set-ups and O(n²) indexing for an n-node graph. A node whose op type or domain
   differs from the pattern's output node's can never match, so the rewrites, and the file, are
-  the same; only the time changes (GPT-2 small: the optimizer's 2.5 s become 0.9 s).
+  the same; only the time changes (benchmarks/README.md has the figures).
 - ``forget_rewriter_state()``: drop the last graph the matchers keep a reference to.
 """
 

@@ -15,8 +15,8 @@ copies of every weight (1.4 GB for GPT-2 small) and the time to make them.
 ``external_view`` turns that into a small model with the same graph whose weights are ONNX
 external data pointing into the file itself. ONNX Runtime memory-maps external data (file
 pages, which the kernel can drop), while a weight inside a protobuf is copied out of the parsed
-file, with a transient of its own: a session on the file holds 1.06x of the weights in
-anonymous memory, one on the view 0.06x.
+file, with a transient of its own: a session on the view holds far less anonymous memory
+(benchmarks/README.md).
 """
 
 from __future__ import annotations

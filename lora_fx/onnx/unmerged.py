@@ -82,13 +82,9 @@ class OnnxBranch(nn.Module):
                     dtype: torch.dtype | None = None) -> OnnxBranch:
         """From a linear branch's PEFT factors (a fused branch's are its equivalent plain
         LoRA): A' = Aᵀ, B' = s·Bᵀ in fp32, cast once to ``dtype`` (default: A's)."""
-        if hasattr(branch, "lora_magnitude_vector"):
-            raise LoraFxError(f"site {site!r} is a DoRA site, whose output rescaling an "
-                              "unmerged ONNX export cannot keep as adapter inputs: export it "
-                              "merged (--merge)")
-        if branch.kind != "linear":
-            raise LoraFxError(f"site {site!r} has a {branch.kind} LoRA, which an unmerged ONNX "
-                              "export cannot keep as MatMul inputs: export it merged (--merge)")
+        refusal = branch.unmerged_refusal(site)
+        if refusal is not None:
+            raise LoraFxError(refusal)
         a, b = branch.peft_factors()
         return cls(*onnx_factors(a, b, branch.scaling, dtype))
 

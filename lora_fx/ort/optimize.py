@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .. import fileio
 from ..errors import LoraFxError
 from ..fileio import check_writable_dir
 from ..onnx.names import EXTERNAL_DATA_BYTES
@@ -64,7 +64,9 @@ def _save(onnx_model: Any, dst: Path) -> None:
     """Write atomically beside ``dst`` (external data past 2 GB, as export does)."""
     check_writable_dir(dst.parent.resolve())
     size = sum(t.ByteSize() for t in onnx_model.model.graph.initializer)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    fileio.sweep_stale(dst.parent, dst.name)  # leftovers of killed runs
+    tmp = fileio.temp_path(dst.parent, dst.name)  # .NAME.PID.RAND.tmp: swept if we die
+    tmp.mkdir()
     try:
         external = size > EXTERNAL_DATA_BYTES
         onnx_model.save_model_to_file(str(tmp / dst.name), use_external_data_format=external)
@@ -73,8 +75,7 @@ def _save(onnx_model: Any, dst: Path) -> None:
                 os.replace(item, dst.parent / item.name)
         os.replace(tmp / dst.name, dst)
     except OSError as err:
-        raise LoraFxError(f"could not write {dst}: {err.strerror or err}: free space or choose "
-                          "another path") from err
+        raise (fileio.io_error(dst, err) or err) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

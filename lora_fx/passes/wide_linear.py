@@ -2,17 +2,15 @@
 
 A linear with many outputs (an LM head: N = 50257 for GPT-2) is one GEMM writing an [M, N]
 output. Some BLAS run it well below their peak when N is not a multiple of their vector width
-(here: 62 GFLOP/s for N = 50257 against ~90 for N = 32000, one MKL thread). The same product in
-blocks of C = 4096 output features,
+(benchmarks/README.md). The same product in blocks of C = 4096 output features,
 
     y[:, j:j+C] = x W[j:j+C]ᵀ (+ b[j:j+C])        j = 0, C, 2C, ...
 
 computes each block into an aligned [M, C] buffer and copies it into place: the same dot
-products over the same K inputs (bitwise equal on the BLAS measured), 15-20% faster there, and
-only one block of extra memory. It is slower on other shapes (N = 32000: 1.02-1.05x), so it is
-never assumed: the first call for a (N, K, dtype, threads) times both ways on its real input,
-alternately, and keeps blocks only if they are at least 5% faster. CPU only; elsewhere, and
-under ``torch.compile``, it is ``F.linear``.
+products over the same K inputs, and only one block of extra memory. Faster on some shapes and
+slower on others (benchmarks/README.md), so it is never assumed: the first call for a (N, K,
+dtype, threads) times both ways on its real input, alternately, and keeps blocks only if they
+are at least 5% faster. CPU only; elsewhere, and under ``torch.compile``, it is ``F.linear``.
 
 Backward is unchanged, one GEMM per gradient: dx = g W, dW = gᵀ x, db = Σ g.
 """

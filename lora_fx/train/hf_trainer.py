@@ -29,17 +29,15 @@ import torch
 from torch import nn
 
 from ..adapter.peft import WEIGHTS_NAME, read_adapter
-from ..branches.base import copy_checked
 from ..errors import LoraFxError
-from ..model.adapters import save_adapter
+from ..model.adapters import load_weights, save_adapter
 from ..model.params import branches
 from ..passes.state import require_state
-from ..variants.dora import load_magnitudes
 
 try:
     from transformers import Trainer, TrainerCallback
 except ImportError as err:  # pragma: no cover - transformers is an optional dependency
-    raise LoraFxError("lora_fx.integrations.hf_trainer needs transformers' Trainer: pip install "
+    raise LoraFxError("lora_fx.train.hf_trainer needs transformers' Trainer: pip install "
                       "'lorafx[hf]' accelerate") from err
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -61,12 +59,7 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
         odd = sorted(set(adapter.lora) ^ set(found))[0]
         raise LoraFxError(f"{directory}: site {odd!r} is in only one of the adapter and the "
                           "model: resume with the model the checkpoint was trained on")
-    with torch.no_grad():
-        for name, branch in found.items():
-            branch.load_factors(*adapter.lora[name], where=f"{directory}: {name}")
-        load_magnitudes(model, adapter.magnitude, str(directory))
-        for key, t in adapter.saved.items():
-            copy_checked(model.get_parameter(key), t, f"{directory}: {key}")
+    load_weights(model, adapter, str(directory))
 
 
 class SaveAdapterCallback(TrainerCallback):  # type: ignore[misc]

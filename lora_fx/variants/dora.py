@@ -30,8 +30,7 @@ from ..branches.linear import LoraLinear
 from ..config import LoraConfig
 from ..errors import LoraFxError
 from ..match.matcher import Site
-from ..passes.runner import PassResult, run_pass
-from ..passes.state import NODE_KEY, get_state, require_state
+from ..passes.state import NODE_KEY, SiteRecord
 
 FORMS = ("nn.Linear", "F.linear", "addmm", "matmul")  # linear forms whose bias DoRA can find
 
@@ -93,6 +92,40 @@ class DoraLinear(LoraLinear):
                               "W + s·B@A has norm 0 or the adapter holds inf/nan")
         return self._out_in(merged).to(weight.dtype).contiguous()
 
+    def on_inject(self, gm: fx.GraphModule, site: SiteRecord, delta: fx.Node) -> bool:
+        """Rewire ``lora.<site>(x)`` to ``lora.<site>(x, y, W, b)`` and set m = ‖W + s·B A‖_r
+        (weights on the meta device keep m = 1)."""
+        add = next(u for u in delta.users if (u.meta.get(NODE_KEY) or {}).get("role") == "add")
+        op = add.args[0]
+        assert isinstance(op, fx.Node)
+        bias, new_bias = _bias(gm, op, site.form, site.name)
+        with gm.graph.inserting_before(delta):
+            w = gm.graph.get_attr(site.weight)
+            w.meta[NODE_KEY] = {"site": site.name, "role": "base"}
+            if new_bias:
+                bias = gm.graph.get_attr(bias)
+                bias.meta[NODE_KEY] = {"site": site.name, "role": "base"}
+        delta.args = (delta.args[0], op, w, bias)
+        weight = gm.get_parameter(site.weight)
+        if not weight.is_meta:
+            self.reset_magnitude(weight)
+        return True
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_magnitude_vector": self.lora_magnitude_vector.detach()}
+
+    def load_extra(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        if set(tensors) != {"lora_magnitude_vector"}:
+            raise LoraFxError(f"{where}: a DoRA site needs exactly lora_magnitude_vector in the "
+                              f"adapter, found {sorted(tensors) or 'none'}: the adapter is "
+                              "inconsistent")
+        copy_checked(self.lora_magnitude_vector, tensors["lora_magnitude_vector"],
+                     f"{where}.lora_magnitude_vector")
+
+    def unmerged_refusal(self, site: str) -> str | None:
+        return (f"site {site!r} is a DoRA site, whose output rescaling an unmerged ONNX export "
+                "cannot keep as adapter inputs: export it merged (--merge)")
+
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora=True"
 
@@ -126,71 +159,4 @@ def _bias(gm: fx.GraphModule, op: fx.Node, form: str, site: str) -> tuple[Any, b
     return None, False
 
 
-def dora_pass(gm: fx.GraphModule) -> PassResult:
-    """Rewire each DoRA delta node: ``lora.<site>(x)`` → ``lora.<site>(x, y, W, b)``."""
-    state = require_state(gm)
-    graph = gm.graph
-    wired = 0
-    for node in list(graph.nodes):
-        tag = node.meta.get(NODE_KEY) or {}
-        if tag.get("role") != "delta" or not isinstance(
-                gm.get_submodule(str(node.target)), DoraLinear):
-            continue
-        rec = state.sites[tag["site"]]
-        add = next(u for u in node.users if (u.meta.get(NODE_KEY) or {}).get("role") == "add")
-        op = add.args[0]
-        assert isinstance(op, fx.Node)
-        bias, new_bias = _bias(gm, op, rec.form, rec.name)
-        with graph.inserting_before(node):
-            w = graph.get_attr(rec.weight)
-            w.meta[NODE_KEY] = {"site": rec.name, "role": "base"}
-            if new_bias:
-                bias = graph.get_attr(bias)
-                bias.meta[NODE_KEY] = {"site": rec.name, "role": "base"}
-        node.args = (node.args[0], op, w, bias)
-        wired += 1
-    return PassResult(gm, wired > 0, {"dora": wired})
 
-
-def attach(gm: fx.GraphModule) -> int:
-    """After inject: wire every DoRA branch into the graph and set m = ‖W + s·B A‖_r.
-
-    A no-op (returns 0) without DoRA branches; weights on the meta device keep m = 1.
-    """
-    state = get_state(gm)
-    if state is None or not state.config.use_dora:
-        return 0
-    run_pass("dora", dora_pass, gm)
-    count = 0
-    for rec in state.sites.values():
-        branch = gm.get_submodule(rec.branch)
-        weight = gm.get_parameter(rec.weight)
-        if isinstance(branch, DoraLinear) and not weight.is_meta:
-            branch.reset_magnitude(weight)
-            count += 1
-    return count
-
-
-def magnitudes(gm: nn.Module) -> dict[str, torch.Tensor]:
-    """Site → m of every DoRA branch (detached), as PEFT saves ``lora_magnitude_vector``."""
-    state = require_state(gm)
-    out = {}
-    for name, rec in state.sites.items():
-        branch = gm.get_submodule(rec.branch)
-        if isinstance(branch, DoraLinear):
-            out[name] = branch.lora_magnitude_vector.detach()
-    return out
-
-
-def load_magnitudes(gm: nn.Module, loaded: dict[str, torch.Tensor], where: str) -> None:
-    """Copy each site's saved m into its DoRA branch; refuse a missing or extra one."""
-    mine = magnitudes(gm)
-    if set(mine) != set(loaded):
-        odd = sorted(set(mine) ^ set(loaded))[0]
-        raise LoraFxError(f"{where}: site {odd!r} has lora_magnitude_vector in only one of the "
-                          "adapter and its config (use_dora): the adapter is inconsistent")
-    state = require_state(gm)
-    for name, m in loaded.items():
-        branch = gm.get_submodule(state.sites[name].branch)
-        assert isinstance(branch, DoraLinear)
-        copy_checked(branch.lora_magnitude_vector, m, f"{where}: {name}.lora_magnitude_vector")

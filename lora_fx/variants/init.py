@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..adapter.surgery import Factors
+from ..adapter.peft import Factors
 from ..branches.base import weight_of
 from ..branches.linear import LoraLinear
 from ..errors import LoraFxError
