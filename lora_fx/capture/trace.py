@@ -25,6 +25,7 @@ from torch import fx, nn
 from ..errors import LoraFxError
 from ..passes.runner import run_pass
 from .attention_dropout import attention_dropout_pass
+from .cache import no_cache
 from .dropout import dropout_pass
 from .dynamic import auto_dynamic
 from .program import PROGRAM_KEY
@@ -103,7 +104,7 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: A
     model.eval()
     try:  # torch prints a partial graph to stderr on failure: the error below says it in a line
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
-                _no_mha_fastpath():
+                _no_mha_fastpath(), no_cache(model):
             warnings.simplefilter("ignore")
             ep = torch.export.export(
                 model, tuple(example_inputs), strict=False,

@@ -15,6 +15,7 @@ from ..fileio import check_writable_dir
 from ..load.model import load_model
 from ..model.adapters import load_adapter
 from .common import echo_json
+from .export_kv import export_kv_command
 
 
 @click.command("export")
@@ -29,11 +30,17 @@ from .common import echo_json
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
               show_default=True, help="Weight precision: merged in fp32, cast once; the error "
                                       "against fp32 is reported.")
+@click.option("--kv-cache", is_flag=True,
+              help="A decoder with its KV cache for generation (-o DIR/model.onnx): ORT "
+                   "GenAI's names, genai_config.json and the tokenizer files beside it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def export_command(model: str, adapter_dir: str | None, merge: bool, output: str, opset: int | None,
-           verify: bool, dtype: str, as_json: bool) -> None:
+           verify: bool, dtype: str, kv_cache: bool, as_json: bool) -> None:
     """Export MODEL (with --adapter: merged or not) to ONNX."""
 
+    if kv_cache:
+        export_kv_command(model, adapter_dir, merge, output, opset, verify, dtype, as_json)
+        return
     check_writable_dir(Path(output).parent.resolve())
     loaded = load_model(model)
     if adapter_dir:

@@ -24,6 +24,7 @@ COMMANDS = {  # name -> "module:function", in the order `lorafx --help` lists th
     "export": "export:export_command", "convert-adapter": "deploy:convert_adapter_command",
     "run": "deploy:run_command", "analyze": "analysis:analyze_command",
     "resize": "analysis:resize_command", "combine": "analysis:combine_command",
+    "generate": "generate:generate_command",
 }
 
 

@@ -1,0 +1,60 @@
+"""``lorafx export --kv-cache``: a decoder with its KV cache, in a folder ORT GenAI loads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import LoraFxError
+from ..load.model import load_model
+from ..onnx.kv_export import export_kv
+from .common import echo_json
+
+
+def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: str,
+                      opset: int | None, verify: bool, dtype: str, as_json: bool) -> None:
+    """Export MODEL (a Hugging Face decoder) with its KV cache to ``output`` (DIR/model.onnx),
+    with genai_config.json, the tokenizer files and (unmerged) the adapter file beside it."""
+    if dtype != "fp32":
+        raise LoraFxError(f"--kv-cache exports fp32 only for now, not --dtype {dtype}: drop "
+                          "--dtype")
+    out = Path(output)
+    if out.suffix != ".onnx":
+        raise LoraFxError(f"--kv-cache writes a folder: pass -o DIR/model.onnx, not {output}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model)
+    report = export_kv(loaded.module, out, adapter=adapter_dir, merge=merge, opset=opset,
+                       verify=verify, source=loaded.extras.get("directory"),
+                       adapter_name=Path(adapter_dir).name if adapter_dir else "adapter")
+    layout = report.layout
+    kind = "base model" if not adapter_dir else ("merged" if merge else "unmerged")
+    data: dict[str, Any] = {
+        "output": str(report.path), "kind": kind, "kv_cache": True,
+        "seconds": round(report.seconds, 3), "layers": layout.layers,
+        "kv_heads": layout.kv_heads, "head_dim": layout.head_dim, "vocab": layout.vocab,
+        "context_length": layout.positions, "inputs": layout.input_names(),
+        "outputs": layout.output_names(), "genai_config": str(out.parent / "genai_config.json"),
+        "tokenizer_files": report.copied, "lora_inputs": report.lora_inputs,
+        "adapter_file": str(report.adapter_file) if report.adapter_file else None,
+        "max_abs_diff": report.max_abs_diff, "provider": report.provider,
+        "nodes": sum(report.op_histogram.values()), "bytes": os.path.getsize(report.path),
+        "external_data": report.external_data}
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(f"wrote {output} ({kind} decoder with KV cache: {layout.layers} layers, "
+               f"{layout.kv_heads} KV heads x {layout.head_dim}, {data['nodes']} nodes, "
+               f"{data['bytes'] / 1e6:.1f} MB) in {report.seconds:.1f} s")
+    extra = ", ".join(["genai_config.json", *report.copied] +
+                      ([report.adapter_file.name] if report.adapter_file else []))
+    click.echo(f"beside it: {extra}")
+    if report.adapter_file:
+        click.echo("no adapter active: the base model; activate the exported adapter with "
+                   f"`lorafx generate {out.parent} --adapter {report.adapter_file}`")
+    if report.max_abs_diff:
+        checks = ", ".join(f"{k} {v:.3g}" for k, v in report.max_abs_diff.items())
+        click.echo(f"verified on {report.provider}: max |ONNX Runtime - PyTorch| {checks}")

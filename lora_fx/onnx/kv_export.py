@@ -1,0 +1,160 @@
+"""Export a decoder with its KV cache (``onnx.kv_cache``) into a folder ORT GenAI loads.
+
+``DIR/model.onnx`` (GenAI's names), ``DIR/genai_config.json``, the tokenizer files of the
+model's directory, and for an unmerged export ``DIR/<adapter>.onnx_adapter``.
+
+- Merged (or no adapter): every branch folded, W' = W + s·B@A; the file is the base decoder's
+  graph with new weights.
+- Unmerged: each site keeps Add(y, MatMul(MatMul(x, A'), B')) with A', B' overridable inputs
+  (``onnx.unmerged``) whose defaults are ZERO, so with no adapter active the file decodes as
+  the base model (Δ = 0); the exported adapter is written beside it as an ONNX Runtime adapter
+  file (A' = Aᵀ, B' = s·Bᵀ), swapped in per generator (GenAI ``set_active_adapter``) or per run
+  (``RunOptions.add_active_adapter``), like any ``lorafx convert-adapter`` file.
+
+Verification (ONNX Runtime against the PyTorch graph): a decode step at past 3 (the traced
+shapes) and a prefill at past 0 with another batch and length; unmerged, the defaults against
+the base model and the adapter file against the adapter.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapter.peft import Adapter, read_adapter
+from ..capture.program import captured_program
+from ..capture.trace import capture
+from ..errors import LoraFxError
+from ..graph.attrs import set_attr_cow
+from ..model.adapters import apply_adapter, to_adapter
+from ..model.merge import merge as merge_model
+from ..ort.adapters import onnx_params, write_ort_adapter
+from ..ort.serving import AdapterSession
+from ..passes.state import get_state
+from .genai import write_genai_files
+from .kv_cache import KvModule, kv_decoder, name_io, trace_inputs
+from .names import A_SUFFIX, B_SUFFIX
+from .report import op_histogram
+from .save import save_program
+from .trace import to_onnx
+from .unmerged import branch_paths, deploy_module, export_unmerged
+from .verify import forward, torch_max_diff
+
+
+@dataclass
+class KvReport:
+    path: Path
+    merged: bool
+    layout: Any                              # kv_cache.DecoderLayout
+    op_histogram: dict[str, int]
+    external_data: bool
+    seconds: float = 0.0
+    adapter_file: Path | None = None         # unmerged: the exported adapter, beside the model
+    lora_inputs: dict[str, dict[str, int]] = field(default_factory=dict)
+    copied: list[str] = field(default_factory=list)          # tokenizer files
+    max_abs_diff: dict[str, float] = field(default_factory=dict)   # check → max |ORT − torch|
+    provider: str | None = None
+
+
+def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter | None = None,
+              merge: bool = True, opset: int | None = None, verify: bool = True,
+              atol: float = 1e-4, providers: list[str] | None = None,
+              source: str | Path | None = None, adapter_name: str = "adapter") -> KvReport:
+    """Export the Hugging Face decoder ``model`` (with ``adapter``: a directory or an
+    ``Adapter``, merged or not) with its KV cache to ``path`` and GenAI's files beside it.
+
+    ``source``: the model's ``save_pretrained`` directory (tokenizer files are copied from it).
+    ``adapter_name``: the stem of the adapter file an unmerged export writes.
+    """
+    start = time.perf_counter()
+    path = Path(path)
+    kv = kv_decoder(model)
+    if adapter is None:
+        gm = capture(kv.wrapper, kv.example_inputs, kv.dynamic_shapes, method="export")
+    else:
+        loaded = read_adapter(adapter) if not isinstance(adapter, Adapter) else adapter
+        gm = apply_adapter(kv.wrapper, kv.example_inputs, loaded, kv.dynamic_shapes,
+                           where=str(adapter) if not isinstance(adapter, Adapter) else "adapter")
+    gm.eval()
+    unmerged = not merge and get_state(gm) is not None
+    program, lora = kv_program(gm, kv, unmerged, opset)
+    name_io(program.model, kv.layout)
+    external, _ = save_program(program, path)
+    report = KvReport(path, not unmerged and adapter is not None, kv.layout,
+                      dict(op_histogram(program.model)), external, lora_inputs=lora)
+    del program
+    report.copied = write_genai_files(path.parent, kv.layout, path.name, source)
+    if unmerged:
+        params = onnx_params(to_adapter(gm), "fp32", str(adapter))
+        report.adapter_file = write_ort_adapter(
+            params, path.parent / f"{adapter_name}.onnx_adapter", force=True)
+    if verify:
+        verify_kv(report, kv, gm, atol, providers)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def kv_program(gm: nn.Module, kv: KvModule, unmerged: bool, opset: int | None
+               ) -> tuple[Any, dict[str, dict[str, int]]]:
+    """The ONNXProgram of ``gm`` (a capture of ``kv.wrapper``, maybe injected): merged, or
+    unmerged with zero adapter defaults; and the unmerged file's LoRA inputs."""
+    if unmerged:
+        return export_unmerged(zero_defaults(deploy_module(gm)), kv.example_inputs,
+                               kv.dynamic_shapes, opset)
+    module = merge_model(gm) if get_state(gm) is not None else gm
+    reuse = captured_program(module)  # the capture's own program: no second trace
+    if reuse is not None:
+        return to_onnx(reuse, (), opset=opset), {}
+    return to_onnx(module, kv.example_inputs, kv.dynamic_shapes, opset), {}
+
+
+def zero_defaults(deploy: nn.Module) -> nn.Module:
+    """``deploy`` (a ``deploy_module``) with every A' and B' zero (Δ = 0: the base model when
+    no adapter is active); shapes, and so the exported ranks, kept."""
+    for path in branch_paths(deploy).values():
+        for key in (path + A_SUFFIX, path + B_SUFFIX):
+            value = deploy.get_parameter(key)
+            set_attr_cow(deploy, key, nn.Parameter(torch.zeros_like(value),
+                                                   requires_grad=False))
+    return deploy
+
+
+def verify_kv(report: KvReport, kv: KvModule, gm: nn.Module, atol: float = 1e-4,
+              providers: list[str] | None = None) -> None:
+    """ONNX Runtime against PyTorch at past 3 (the traced shapes) and at past 0 (a prefill of
+    batch 1, 5 tokens); for an unmerged file, also with its adapter file active. Raises
+    LoraFxError above ``atol``."""
+    sess = AdapterSession(report.path, providers or ["CPUExecutionProvider"])
+    report.provider = sess.provider
+    prefill, _ = trace_inputs(kv.layout, seed=1, batch=1, seq=5, past=0)
+    unmerged = report.adapter_file is not None
+    base = kv.wrapper if unmerged else gm   # what the file computes with no adapter active
+    checks: list[tuple[str, tuple[Any, ...], nn.Module, str | None]] = [
+        ("decode", kv.example_inputs, base, None), ("prefill", prefill, base, None)]
+    if unmerged:
+        sess.load("exported", report.adapter_file)  # type: ignore[arg-type]
+        checks += [("decode+adapter", kv.example_inputs, gm, "exported"),
+                   ("prefill+adapter", prefill, gm, "exported")]
+    for name, args, module, adapter in checks:
+        feeds = dict(zip(kv.layout.input_names(), _flat(args), strict=True))
+        got = sess.run(feeds, adapter)
+        want = forward(module, args)
+        report.max_abs_diff[name] = torch_max_diff([torch.from_numpy(g) for g in got], want)
+    worst = max(report.max_abs_diff, key=lambda k: report.max_abs_diff[k])
+    if not report.max_abs_diff[worst] <= atol:
+        raise LoraFxError(f"verification failed: max |ONNX Runtime - PyTorch| = "
+                          f"{report.max_abs_diff[worst]:.3g} > {atol:g} ({worst}) on "
+                          f"{report.provider}; the file {report.path} was written, do not "
+                          "deploy it")
+
+
+def _flat(args: tuple[Any, ...]) -> list[Any]:
+    out: list[Any] = []
+    for a in args:
+        out.extend(a if isinstance(a, list) else [a])
+    return out
