@@ -25,7 +25,6 @@ def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: 
     out = Path(output)
     if out.suffix != ".onnx":
         raise LoraFxError(f"--kv-cache writes a folder: pass -o DIR/model.onnx, not {output}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model)
     report = export_kv(loaded.module, out, adapter=adapter_dir, merge=merge, opset=opset,
                        verify=verify, source=loaded.extras.get("directory"),

@@ -30,9 +30,10 @@ from .kv_cache import (
 )
 
 CONFIG_NAME = "genai_config.json"
-# model types ORT GenAI drives as a plain decoder (its ModelType::IsLLM list, 0.18); any other
-# decoder is declared "decoder", GenAI's generic type
-GENAI_TYPES = frozenset({"chatglm", "decoder", "gemma", "gemma2", "gpt2", "granite", "llama",
+# model types ORT GenAI drives as a plain decoder with separate key / value caches (its
+# ModelType::IsLLM list, 0.18); any other decoder is declared "decoder", GenAI's generic type.
+# Not "gpt2": GenAI's GPT-2 model reads one combined past per layer (past_%d), not ours.
+GENAI_TYPES = frozenset({"chatglm", "decoder", "gemma", "gemma2", "granite", "llama",
                          "mistral", "nemotron", "olmo", "phi", "phi3", "qwen2", "qwen3"})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",

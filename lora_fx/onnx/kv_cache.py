@@ -103,7 +103,8 @@ def _probe(module: nn.Module, config: Any, cache_arg: str) -> tuple[Any, torch.T
     logits = getattr(out, "logits", None)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise LoraFxError(f"--kv-cache: {type(module).__name__} returns no logits [batch, seq, "
-                          "vocab]: export a *ForCausalLM model (with its LM head)")
+                          "vocab], so it is not a decoder with an LM head: export its "
+                          "*ForCausalLM model, or export it without --kv-cache")
     return cache, logits
 
 

@@ -30,6 +30,7 @@ from ..adapter.peft import Adapter, read_adapter
 from ..capture.program import captured_program
 from ..capture.trace import capture
 from ..errors import LoraFxError
+from ..fileio import check_writable_dir
 from ..graph.attrs import set_attr_cow
 from ..model.adapters import apply_adapter, to_adapter
 from ..model.merge import merge as merge_model
@@ -74,6 +75,9 @@ def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter 
     start = time.perf_counter()
     path = Path(path)
     kv = kv_decoder(model)
+    if not path.parent.exists():  # the export is a folder: create it (not its parents' files)
+        check_writable_dir(path.parent.parent.resolve())
+        path.parent.mkdir()
     if adapter is None:
         gm = capture(kv.wrapper, kv.example_inputs, kv.dynamic_shapes, method="export")
     else:

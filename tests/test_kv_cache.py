@@ -1,0 +1,197 @@
+"""Decoders exported with their KV cache decode exactly PEFT's ``generate()`` tokens.
+
+For a HF LLaMA (grouped-query attention), GPT-2 (Conv1D, tied LM head) and Qwen2 (q/k/v
+biases), hidden 64, 2 layers, otherwise default configs (``use_cache=True``) with a wider
+``initializer_range`` and a 1024-token vocabulary: greedy decoding of 16 new tokens for a batch
+of 2 prompts, driven by onnxruntime (lorafx's loop) and by onnxruntime_genai, equals PEFT's
+``generate()``:
+- merged adapter A1 (rank 4);
+- unmerged, with A1's file written beside the model, and with a second adapter A2 (rank 8,
+  fewer targets) converted by ``convert-adapter`` and swapped in;
+- unmerged with no adapter active: the base model's tokens.
+Prefill logits are within 1e-4 of PEFT's (the merged file: of PEFT's ``merge_and_unload()``;
+with these wide weights merged and unmerged PEFT differ by up to 3e-4 on a prompt). Every reference step is decided by a clear margin
+(top-1 minus top-2 logit), checked, so that no comparison turns on rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lora_fx.onnx.kv_export import export_kv
+from lora_fx.ort.adapters import convert_adapter
+from lora_fx.ort.generate import Folder, OrtDecoder
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+VOCAB, NEW, MARGIN = 1024, 16, 1e-3  # margin: 10x the 1e-4 logits tolerance
+FAMILIES: dict[str, tuple[str, str, dict[str, Any], list[str], list[str]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM",
+              {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2},
+              ["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "v_proj"]),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+             {"n_embd": 64, "n_layer": 2, "n_head": 4}, ["c_attn", "c_proj", "c_fc"],
+             ["c_attn"]),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2},
+              ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], ["q_proj", "v_proj"]),
+}
+
+
+def build(family: str, seed: int = 0) -> torch.nn.Module:
+    """The family's model from its default config: hidden 64, 2 layers, vocabulary 1024,
+    initializer_range 0.25 (clear greedy margins); special ids past the vocabulary moved in."""
+    config_name, model_name, sizes, _, _ = FAMILIES[family]
+    config = getattr(transformers, config_name)(vocab_size=VOCAB, initializer_range=0.25,
+                                                **sizes)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value >= VOCAB:
+            setattr(config, key, VOCAB - 1)
+    assert config.use_cache is True
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def peft_adapter(base: torch.nn.Module, directory: Path, targets: list[str], r: int,
+                 seed: int) -> None:
+    """A PEFT adapter with random A and B (B != 0), saved to ``directory``."""
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(str(directory))
+
+
+def until_eos(row: list[int], eos: tuple[int, ...]) -> list[int]:
+    out: list[int] = []
+    for t in row:
+        out.append(t)
+        if t in eos:
+            break
+    return out
+
+
+def reference(model: torch.nn.Module, prompts: torch.Tensor, eos: tuple[int, ...]
+              ) -> tuple[list[list[int]], np.ndarray]:
+    """PEFT's (or the base model's) greedy tokens and prefill logits; asserts the margins."""
+    with torch.no_grad():
+        prefill = model(input_ids=prompts, attention_mask=torch.ones_like(prompts)).logits
+        out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                             max_new_tokens=NEW, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    for step in out.scores:
+        top = torch.topk(step.float(), 2, dim=-1).values
+        assert float((top[:, 0] - top[:, 1]).min()) > MARGIN, "greedy step decided by rounding"
+    tokens = out.sequences[:, prompts.shape[1]:].tolist()
+    return [until_eos(row, eos) for row in tokens], prefill.numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> dict[str, Any]:
+    name = request.param
+    tmp = tmp_path_factory.mktemp(name)
+    base = build(name)
+    _, _, _, targets1, targets2 = FAMILIES[name]
+    peft_adapter(base, tmp / "a1", targets1, 4, seed=1)
+    peft_adapter(base, tmp / "a2", targets2, 8, seed=2)
+    merged = export_kv(base, tmp / "merged" / "model.onnx", adapter=tmp / "a1", merge=True)
+    unmerged = export_kv(base, tmp / "unmerged" / "model.onnx", adapter=tmp / "a1",
+                         merge=False, adapter_name="a1")
+    convert_adapter(tmp / "a2", tmp / "unmerged" / "a2.onnx_adapter",
+                    model=tmp / "unmerged" / "model.onnx")
+    eos = Folder.open(tmp / "merged").eos
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(3, VOCAB - 3, (2, 6), generator=g)
+    refs = {"base": reference(base, prompts, eos)}
+    for adapter in ("a1", "a2"):
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp / adapter)).eval()
+        refs[adapter] = reference(pm, prompts, eos)
+    with torch.no_grad():  # the merged file's reference: PEFT's merge (W + s·B@A folded)
+        folded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp / "a1"))
+        refs["a1 merged"] = ([], folded.merge_and_unload().eval()(prompts).logits.numpy())
+    return {"name": name, "tmp": tmp, "prompts": prompts.tolist(), "refs": refs,
+            "merged": merged, "unmerged": unmerged}
+
+
+def test_files_have_genai_names_and_dynamic_axes(family: dict[str, Any]) -> None:
+    import onnx
+
+    proto = onnx.load(str(family["tmp"] / "unmerged" / "model.onnx"), load_external_data=False)
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+              for i in proto.graph.input}
+    outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+               for o in proto.graph.output}
+    layout = family["unmerged"].layout
+    assert inputs["input_ids"] == ["batch_size", "sequence_length"]
+    assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert inputs["position_ids"] == ["batch_size", "sequence_length"]
+    kv = [layout.kv_heads, layout.head_dim]
+    for i in range(layout.layers):
+        for part in ("key", "value"):
+            assert inputs[f"past_key_values.{i}.{part}"] == [
+                "batch_size", kv[0], "past_sequence_length", kv[1]]
+            assert outputs[f"present.{i}.{part}"] == [
+                "batch_size", kv[0], "total_sequence_length", kv[1]]
+    assert outputs["logits"] == ["batch_size", "sequence_length", VOCAB]
+    lora = [n for n in inputs if n.endswith((".lora_A.weight", ".lora_B.weight"))]
+    assert lora and len(lora) == 2 * len(family["unmerged"].lora_inputs)
+    if family["name"] == "llama":
+        assert layout.kv_heads == 2 and layout.heads == 4  # grouped-query attention kept
+    merged = onnx.load(str(family["tmp"] / "merged" / "model.onnx"), load_external_data=False)
+    assert not [i.name for i in merged.graph.input if "lora" in i.name]
+
+
+def test_adapters_change_the_tokens(family: dict[str, Any]) -> None:
+    refs = family["refs"]
+    assert refs["a1"][0] != refs["base"][0] and refs["a2"][0] != refs["base"][0]
+    assert refs["a1"][0] != refs["a2"][0]
+
+
+def test_prefill_logits_match_peft(family: dict[str, Any]) -> None:
+    prompts = family["prompts"]
+    for folder, adapter, ref in (("merged", None, "a1 merged"), ("unmerged", None, "base"),
+                                 ("unmerged", "a1.onnx_adapter", "a1"),
+                                 ("unmerged", "a2.onnx_adapter", "a2")):
+        dec = OrtDecoder(Folder.open(family["tmp"] / folder))
+        name = dec.load_adapter(family["tmp"] / folder / adapter) if adapter else None
+        logits = dec.step(dec.prefill_feeds(prompts), name)[0].numpy()
+        np.testing.assert_allclose(logits, family["refs"][ref][1], atol=1e-4, rtol=0,
+                                   err_msg=f"{folder} {adapter}")
+
+
+CASES = [("merged", None, "a1"), ("unmerged", "a1.onnx_adapter", "a1"),
+         ("unmerged", "a2.onnx_adapter", "a2"), ("unmerged", None, "base")]
+
+
+def test_onnxruntime_greedy_decodes_peft_tokens(family: dict[str, Any]) -> None:
+    for folder, adapter, ref in CASES:
+        dec = OrtDecoder(Folder.open(family["tmp"] / folder))
+        name = dec.load_adapter(family["tmp"] / folder / adapter) if adapter else None
+        got = dec.generate(family["prompts"], NEW, adapter=name)
+        assert got.tokens == family["refs"][ref][0], (folder, adapter)
+
+
+def test_onnxruntime_genai_decodes_peft_tokens(family: dict[str, Any]) -> None:
+    pytest.importorskip("onnxruntime_genai")
+    from lora_fx.ort.genai_decoder import GenaiDecoder
+
+    for folder, adapter, ref in CASES:
+        dec = GenaiDecoder(Folder.open(family["tmp"] / folder), "cpu")
+        name = dec.load_adapter(family["tmp"] / folder / adapter) if adapter else None
+        got = dec.generate(family["prompts"], NEW, adapter=name)
+        assert got.tokens == family["refs"][ref][0], (folder, adapter)
+        assert got.engine == "onnxruntime_genai"
