@@ -5,7 +5,8 @@
     python benchmarks/run.py --only train --compile --out /tmp/bench
 
 Suites (each a script of its own, run in a fresh process): ``train`` (bench_train.py),
-``export`` (bench_export.py), ``latency`` (bench_latency.py); ``deploy`` runs the ONNX Runtime
+``export`` (bench_export.py), ``latency`` (bench_latency.py), ``generate``
+(bench_generate.py); ``deploy`` runs the ONNX Runtime
 adapter-serving benchmark (bench_deploy.py) when it is present. Writes ``results.json`` (machine,
 settings, every row with medians and spread) and ``results.md`` into ``--out``.
 Benchmarks report; they never fail on speed (exit 1 only when a suite crashes).
@@ -26,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 SUITES = {"train": "bench_train.py", "export": "bench_export.py",
-          "latency": "bench_latency.py"}
+          "latency": "bench_latency.py", "generate": "bench_generate.py"}
 EXTRAS = {"deploy": "bench_deploy.py"}   # other benchmarks of the repository, when present
 
 

@@ -21,7 +21,7 @@ def test_quick_benchmarks_write_json_and_markdown(tmp_path: Path) -> None:
     assert result["machine"]["cores"] and result["settings"]["quick"] is True
     suites = {r["suite"] for r in result["rows"]}
     assert {"train step", "merge+export", "latency", "latency vs GEMM peak", "inject",
-            "adapter size"} <= suites
+            "adapter size", "generate"} <= suites
     for row in result["rows"]:
         assert row["ratio"]["median"] > 0 and row["value"]["n"] >= 1, row
     md = (tmp_path / "results.md").read_text()

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from lora_fx.cli.main import main
 from lora_fx.ort.adapters import write_ort_adapter
 

@@ -10,8 +10,9 @@ of 2 prompts, driven by onnxruntime (lorafx's loop) and by onnxruntime_genai, eq
   fewer targets) converted by ``convert-adapter`` and swapped in;
 - unmerged with no adapter active: the base model's tokens.
 Prefill logits are within 1e-4 of PEFT's (the merged file: of PEFT's ``merge_and_unload()``;
-with these wide weights merged and unmerged PEFT differ by up to 3e-4 on a prompt). Every reference step is decided by a clear margin
-(top-1 minus top-2 logit), checked, so that no comparison turns on rounding.
+with these wide weights merged and unmerged PEFT differ by up to 3e-4 on a prompt). Every
+reference step is decided by a clear margin (top-1 minus top-2 logit, checked), so that no
+comparison turns on rounding.
 """
 
 from __future__ import annotations
