@@ -86,6 +86,9 @@ def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter 
                            where=str(adapter) if not isinstance(adapter, Adapter) else "adapter")
     gm.eval()
     unmerged = not merge and get_state(gm) is not None
+    # the adapter file of an unmerged export, refused (DoRA, modules_to_save, ...) before any
+    # file is written
+    params = onnx_params(to_adapter(gm), "fp32", str(adapter)) if unmerged else {}
     program, lora = kv_program(gm, kv, unmerged, opset)
     name_io(program.model, kv.layout)
     external, _ = save_program(program, path)
@@ -94,7 +97,6 @@ def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter 
     del program
     report.copied = write_genai_files(path.parent, kv.layout, path.name, source)
     if unmerged:
-        params = onnx_params(to_adapter(gm), "fp32", str(adapter))
         report.adapter_file = write_ort_adapter(
             params, path.parent / f"{adapter_name}.onnx_adapter", force=True)
     if verify:
