@@ -33,17 +33,17 @@ from ..errors import LoraFxError
 from ..fileio import check_writable_dir
 from ..graph.attrs import set_attr_cow
 from ..model.adapters import apply_adapter, to_adapter
-from ..model.merge import merge as merge_model
 from ..ort.adapters import onnx_params, write_ort_adapter
 from ..ort.serving import AdapterSession
 from ..passes.state import get_state
+from .export import trace
 from .genai import write_genai_files
 from .kv_cache import KvModule, kv_decoder, name_io, trace_inputs
 from .names import A_SUFFIX, B_SUFFIX
+from .prepare import Prepared, prepare
 from .report import op_histogram
 from .save import save_program
-from .trace import to_onnx
-from .unmerged import branch_paths, deploy_module, export_unmerged
+from .unmerged import branch_paths
 from .verify import forward, torch_max_diff
 
 
@@ -89,7 +89,7 @@ def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter 
     # the adapter file of an unmerged export, refused (DoRA, modules_to_save, ...) before any
     # file is written
     params = onnx_params(to_adapter(gm), "fp32", str(adapter)) if unmerged else {}
-    program, lora = kv_program(gm, kv, unmerged, opset)
+    prep, program, lora = kv_program(gm, kv, merge, opset)
     name_io(program.model, kv.layout)
     external, _ = save_program(program, path)
     report = KvReport(path, not unmerged and adapter is not None, kv.layout,
@@ -100,23 +100,23 @@ def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter 
         report.adapter_file = write_ort_adapter(
             params, path.parent / f"{adapter_name}.onnx_adapter", force=True)
     if verify:
-        verify_kv(report, kv, gm, atol, providers)
+        verify_kv(report, kv, prep.reference, atol, providers)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def kv_program(gm: nn.Module, kv: KvModule, unmerged: bool, opset: int | None
-               ) -> tuple[Any, dict[str, dict[str, int]]]:
-    """The ONNXProgram of ``gm`` (a capture of ``kv.wrapper``, maybe injected): merged, or
-    unmerged with zero adapter defaults; and the unmerged file's LoRA inputs."""
-    if unmerged:
-        return export_unmerged(zero_defaults(deploy_module(gm)), kv.example_inputs,
-                               kv.dynamic_shapes, opset)
-    module = merge_model(gm) if get_state(gm) is not None else gm
-    reuse = captured_program(module)  # the capture's own program: no second trace
-    if reuse is not None:
-        return to_onnx(reuse, (), opset=opset), {}
-    return to_onnx(module, kv.example_inputs, kv.dynamic_shapes, opset), {}
+def kv_program(gm: nn.Module, kv: KvModule, merge: bool, opset: int | None
+               ) -> tuple[Prepared, Any, dict[str, dict[str, int]]]:
+    """The export's stages 1-2 (``onnx.export``) for ``gm``, a capture of ``kv.wrapper`` (maybe
+    injected): merged (the capture's own program reused, its axes already dynamic), or
+    unmerged with zero adapter defaults. Returns (the prepared modules, the ONNXProgram, the
+    unmerged file's LoRA inputs)."""
+    prep = prepare(gm, kv.example_inputs, merge, None, None, kv.dynamic_shapes, inplace=False)
+    if prep.unmerged:
+        zero_defaults(prep.module)
+    reuse = not prep.unmerged and captured_program(prep.module) is not None
+    program, extras = trace(prep, None if reuse else kv.dynamic_shapes, opset, release=False)
+    return prep, program, extras.get("lora_inputs", {})
 
 
 def zero_defaults(deploy: nn.Module) -> nn.Module:
@@ -130,7 +130,7 @@ def zero_defaults(deploy: nn.Module) -> nn.Module:
     return deploy
 
 
-def verify_kv(report: KvReport, kv: KvModule, gm: nn.Module, atol: float = 1e-4,
+def verify_kv(report: KvReport, kv: KvModule, reference: nn.Module, atol: float = 1e-4,
               providers: list[str] | None = None) -> None:
     """ONNX Runtime against PyTorch at past 3 (the traced shapes) and at past 0 (a prefill of
     batch 1, 5 tokens); for an unmerged file, also with its adapter file active. Raises
@@ -139,13 +139,13 @@ def verify_kv(report: KvReport, kv: KvModule, gm: nn.Module, atol: float = 1e-4,
     report.provider = sess.provider
     prefill, _ = trace_inputs(kv.layout, seed=1, batch=1, seq=5, past=0)
     unmerged = report.adapter_file is not None
-    base = kv.wrapper if unmerged else gm   # what the file computes with no adapter active
+    base = kv.wrapper if unmerged else reference  # the file with no adapter active
     checks: list[tuple[str, tuple[Any, ...], nn.Module, str | None]] = [
         ("decode", kv.example_inputs, base, None), ("prefill", prefill, base, None)]
     if unmerged:
         sess.load("exported", report.adapter_file)  # type: ignore[arg-type]
-        checks += [("decode+adapter", kv.example_inputs, gm, "exported"),
-                   ("prefill+adapter", prefill, gm, "exported")]
+        checks += [("decode+adapter", kv.example_inputs, reference, "exported"),
+                   ("prefill+adapter", prefill, reference, "exported")]
     for name, args, module, adapter in checks:
         feeds = dict(zip(kv.layout.input_names(), _flat(args), strict=True))
         got = sess.run(feeds, adapter)
