@@ -219,3 +219,16 @@ def test_decoder_with_its_default_config_captures_and_exports(tmp_path: Path) ->
     assert not torch.allclose(got, want)  # the branches are live
     report = lora_fx.export_onnx(gm, loaded.example_inputs, tmp_path / "m.onnx", merge=True)
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+
+
+def test_kv_export_refuses_another_models_adapter_and_writes_nothing(
+        folder: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import tiny_llama
+
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.save_pretrained(str(tmp_path / "llama_lora"))
+    code, out, err = cli(capsys, "export", f"hf:{folder['tmp'] / 'hf'}", "--adapter",
+                         str(tmp_path / "llama_lora"), "--kv-cache", "-o",
+                         str(tmp_path / "kv" / "model.onnx"))
+    assert code == 1 and err.count("\n") == 1 and "belongs to another model" in err, err
+    assert not (tmp_path / "kv").exists()

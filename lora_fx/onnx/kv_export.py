@@ -75,9 +75,8 @@ def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter 
     start = time.perf_counter()
     path = Path(path)
     kv = kv_decoder(model)
-    if not path.parent.exists():  # the export is a folder: create it (not its parents' files)
+    if not path.parent.exists():  # refused now, created once there is something to write
         check_writable_dir(path.parent.parent.resolve())
-        path.parent.mkdir()
     if adapter is None:
         gm = capture(kv.wrapper, kv.example_inputs, kv.dynamic_shapes, method="export")
     else:
@@ -91,6 +90,7 @@ def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter 
     params = onnx_params(to_adapter(gm), "fp32", str(adapter)) if unmerged else {}
     prep, program, lora = kv_program(gm, kv, merge, opset)
     name_io(program.model, kv.layout)
+    path.parent.mkdir(exist_ok=True)  # the export is a folder
     external, _ = save_program(program, path)
     report = KvReport(path, not unmerged and adapter is not None, kv.layout,
                       dict(op_histogram(program.model)), external, lora_inputs=lora)
