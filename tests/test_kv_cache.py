@@ -196,3 +196,25 @@ def test_onnxruntime_genai_decodes_peft_tokens(family: dict[str, Any]) -> None:
         got = dec.generate(family["prompts"], NEW, adapter=name)
         assert got.tokens == family["refs"][ref][0], (folder, adapter)
         assert got.engine == "onnxruntime_genai"
+
+
+def test_prompts_of_different_lengths_decode_like_left_padded_generate(
+        family: dict[str, Any]) -> None:
+    """A ragged batch: lorafx's loop left-pads it (mask 0, positions cumsum - 1), as a
+    left-padded ``generate()`` call; ORT GenAI decodes each prompt on its own generator."""
+    folder = Folder.open(family["tmp"] / "merged")
+    prompts = [family["prompts"][0][:3], family["prompts"][1]]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[folder.pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    base = build(family["name"])
+    pm = peft.PeftModel.from_pretrained(base, str(family["tmp"] / "a1")).eval()
+    with torch.no_grad():
+        out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                          do_sample=False, pad_token_id=folder.pad)
+    want = [until_eos(row, folder.eos) for row in out[:, width:].tolist()]
+    assert OrtDecoder(folder).generate(prompts, 8).tokens == want
+    pytest.importorskip("onnxruntime_genai")
+    from lora_fx.ort.genai_decoder import GenaiDecoder
+
+    assert GenaiDecoder(folder, "cpu").generate(prompts, 8).tokens == want
