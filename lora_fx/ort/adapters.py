@@ -96,7 +96,7 @@ def model_slots(model_path: str | Path) -> dict[str, Slot]:
         if name.endswith(A_SUFFIX) and name[: -len(A_SUFFIX)] + B_SUFFIX in dims:
             site = name[: -len(A_SUFFIX)]
             out_shape = dims[site + B_SUFFIX][0]
-            slots[site] = Slot(shape[0] if shape else None,
+            slots[site] = Slot(shape[-2] if len(shape) >= 2 else None,  # [n,] in, r
                                out_shape[-1] if out_shape else None,
                                ONNX_TYPES.get(elem, f"onnx type {elem}"))
     if not slots:
