@@ -17,9 +17,9 @@ from .model.plan import plan, plan_model
 from .train.fast import compiled, fuse_branches, training_graph
 
 __all__ = ["apply_adapter", "branches", "capture", "compiled", "count_parameters",
-           "export_kv", "export_onnx", "fuse_branches", "inject", "load_adapter",
-           "lora_parameters", "merge", "plan", "plan_model", "save_adapter", "to_adapter",
-           "training_graph"]
+           "export_kv", "export_mixed", "export_onnx", "fuse_branches", "inject",
+           "load_adapter", "lora_parameters", "merge", "plan", "plan_model", "save_adapter",
+           "to_adapter", "training_graph"]
 
 
 def export_onnx(*args: Any, **kwargs: Any) -> Any:
@@ -33,5 +33,13 @@ def export_kv(*args: Any, **kwargs: Any) -> Any:
     """``lora_fx.onnx.kv_export.export_kv`` (see there): a decoder with its KV cache, in a folder
     ONNX Runtime GenAI loads; onnx is imported on the first export."""
     from .onnx.kv_export import export_kv as export  # deferred: onnx and onnxscript are heavy
+
+    return export(*args, **kwargs)
+
+
+def export_mixed(*args: Any, **kwargs: Any) -> Any:
+    """``lora_fx.onnx.mixed_export.export_mixed``: a base model and several adapters as one
+    ONNX graph choosing the adapter per batch row (input ``adapter_ids``)."""
+    from .onnx.mixed_export import export_mixed as export  # deferred: onnx, onnxscript are heavy
 
     return export(*args, **kwargs)

@@ -20,6 +20,7 @@ import click
 import numpy as np
 
 from ..errors import LoraFxError
+from ..ort.adapter_sets import IDS_INPUT, convert_set, named_dirs
 from ..ort.adapters import convert_adapter as convert
 from ..ort.serving import AdapterSession
 
@@ -29,7 +30,7 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
 
 
 @click.command("convert-adapter")
-@click.argument("directory", type=click.Path())
+@click.argument("directories", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="The .onnx_adapter file to write.")
 @click.option("--model", "model", type=click.Path(),
@@ -39,17 +40,29 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               help="Parameter dtype (default: the model's, else fp32).")
 @click.option("--no-fill", is_flag=True, help="Refuse when the model has sites the adapter "
                                               "lacks, instead of filling zeros.")
+@click.option("--mixed-batch", is_flag=True,
+              help="Stack the DIRECTORIES ([NAME=]DIR, id k = k-th) into one set for a "
+                   "--mixed-batch model; writes OUTPUT's NAME.adapter_ids.json.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
-def convert_adapter_command(directory: str, output: str, model: str | None, dtype: str | None,
-                    no_fill: bool, force: bool, as_json: bool) -> None:
+def convert_adapter_command(directories: tuple[str, ...], output: str, model: str | None,
+                            dtype: str | None, no_fill: bool, mixed_batch: bool, force: bool,
+                            as_json: bool) -> None:
     """Write ONNX Runtime's adapter file from a lorafx or PEFT adapter DIRECTORY.
 
     Parameters are <site>.lora_A.weight = Aᵀ (in, r) and <site>.lora_B.weight = s·Bᵀ (r, out),
     the inputs of `lorafx export --no-merge`; use with onnxruntime.LoraAdapter and
-    RunOptions.add_active_adapter, or `lorafx run MODEL.onnx --adapter FILE`.
+    RunOptions.add_active_adapter, or `lorafx run MODEL.onnx --adapter FILE`. With
+    --mixed-batch, several DIRECTORIES become one set: [n+1, in, r_max] / [n+1, r_max, out].
     """
 
+    if mixed_batch:
+        _convert_set(directories, output, model, dtype, force, as_json)
+        return
+    if len(directories) != 1:
+        raise LoraFxError(f"{len(directories)} adapter directories given: convert one at a "
+                          "time, or stack them with --mixed-batch")
+    directory = directories[0]
     report = convert(directory, output, model=model, dtype=dtype, force=force,
                      fill_missing=not no_fill)
     data: dict[str, Any] = {
@@ -65,6 +78,22 @@ def convert_adapter_command(directory: str, output: str, model: str | None, dtyp
         click.echo(f"names and shapes match {model}"
                    + (f"; {len(report.filled)} sites the adapter lacks set to zero"
                       if report.filled else ""))
+
+
+def _convert_set(directories: tuple[str, ...], output: str, model: str | None,
+                 dtype: str | None, force: bool, as_json: bool) -> None:
+    report = convert_set(named_dirs(directories), output, model=model, dtype=dtype, force=force)
+    data: dict[str, Any] = {
+        "output": str(report.path), "ids_file": str(report.ids_path), "dtype": report.dtype,
+        "adapters": {n: k for k, n in enumerate(report.names)}, "sites": report.sites,
+        "filled_with_zeros": report.filled, "bytes": report.bytes, "checked_against": model}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    ids = ", ".join(f"{k}={n}" for n, k in data["adapters"].items())
+    click.echo(f"wrote {report.path} (set of {len(report.names) - 1}: {ids}; "
+               f"{len(report.sites)} sites, {report.dtype}, {report.bytes / 1e3:.1f} kB) and "
+               f"{report.ids_path}")
 
 
 def parse_spec(spec: str, type_name: str, shape: list[Any], dim: int,
@@ -149,6 +178,9 @@ _PROVIDERS = {"auto": None, "cpu": ["CPUExecutionProvider"],
               help="NAME=SPEC: rand:2x8[:HIGH], ones:2x8, zeros:2x8, file.npy or a JSON list.")
 @click.option("--provider", type=click.Choice(list(_PROVIDERS)), default="auto",
               show_default=True, help="auto: CUDA when present, else CPU.")
+@click.option("--adapter-ids", "adapter_ids", default=None,
+              help="A mixed-batch model's adapter per batch row, comma-separated names or ids "
+                   "(e.g. __base__,a1,a2,a1); default: row i uses id i mod (n+1).")
 @click.option("--bind", is_flag=True, help="Run through I/O binding (the GPU serving path).")
 @click.option("--no-base", is_flag=True, help="With --adapter: skip the run without adapter.")
 @click.option("--repeat", type=int, default=10, show_default=True, help="Timed runs.")
@@ -159,13 +191,15 @@ _PROVIDERS = {"auto": None, "cpu": ["CPUExecutionProvider"],
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def run_command(model: str, adapters: tuple[str, ...], specs: tuple[str, ...], provider: str,
-        bind: bool, no_base: bool, repeat: int, warmup: int, dim: int, seed: int,
-        threads: int | None, as_json: bool) -> None:
+        adapter_ids: str | None, bind: bool, no_base: bool, repeat: int, warmup: int, dim: int,
+        seed: int, threads: int | None, as_json: bool) -> None:
     """Run an ONNX MODEL on ONNX Runtime: outputs, provider and latency.
 
     With --adapter FILE (an unmerged export's adapter), each adapter runs in the same session
     through RunOptions.add_active_adapter (or bound by lorafx with --bind); the first run has
-    no adapter active (the exported defaults) unless --no-base.
+    no adapter active (the exported defaults) unless --no-base. A --mixed-batch model takes
+    an adapter per row (--adapter-ids); its --adapter files are sets (convert-adapter
+    --mixed-batch), whose names --adapter-ids uses.
     """
 
     if repeat < 1 or warmup < 0:
@@ -176,11 +210,16 @@ def run_command(model: str, adapters: tuple[str, ...], specs: tuple[str, ...], p
         sess.load(Path(path).stem, path)
         names.append(Path(path).stem)
     feeds = build_inputs(sess.session, specs, dim, seed)
+    rows = _rows(sess, feeds, specs, adapter_ids)
     runs: list[dict[str, Any]] = []
     for name in names:
-        outputs = sess.run_bound(feeds, name) if bind else sess.run(feeds, name)
-        times = sess.latency(feeds, name, repeat, warmup, bound=bind)
+        run_rows = _default_rows(sess, feeds, name) if sess.mixed and rows is None and \
+            IDS_INPUT not in feeds else rows
+        run_feeds = sess.with_rows(feeds, run_rows, name)  # checked before ONNX Runtime runs
+        outputs = sess.run_bound(run_feeds, name) if bind else sess.run(run_feeds, name)
+        times = sess.latency(run_feeds, name, repeat, warmup, bound=bind)
         runs.append({"adapter": name, "latency_ms": _millis(times),
+                     **({"adapter_ids": run_feeds[IDS_INPUT].tolist()} if sess.mixed else {}),
                      "outputs": [_summary(n, np.asarray(o))
                                  for n, o in zip(sess.outputs, outputs, strict=True)]})
     data: dict[str, Any] = {"model": model, "provider": sess.provider, "providers": sess.providers,
@@ -193,11 +232,37 @@ def run_command(model: str, adapters: tuple[str, ...], specs: tuple[str, ...], p
     click.echo(f"{model} on {sess.provider}{' (I/O binding)' if bind else ''}; inputs: {shapes}")
     for item in runs:
         lat = item["latency_ms"]
-        click.echo(f"\nadapter: {item['adapter'] or 'none (exported defaults)'}  latency: median "
-                   f"{lat['median']:.3f} ms (min {lat['min']:.3f}, max {lat['max']:.3f}, "
+        ids = f"  adapter_ids: {item['adapter_ids']}" if "adapter_ids" in item else ""
+        click.echo(f"\nadapter: {item['adapter'] or 'none (exported defaults)'}{ids}  latency: "
+                   f"median {lat['median']:.3f} ms (min {lat['min']:.3f}, max {lat['max']:.3f}, "
                    f"{lat['repeat']} runs)")
         for out in item["outputs"]:
             head = ", ".join(f"{v:.4g}" for v in out["head"])
             click.echo(f"  {out['name']} {out['dtype']} {'x'.join(map(str, out['shape']))}: "
                        f"mean {out['mean']:.4g} min {out['min']:.4g} max {out['max']:.4g} "
                        f"[{head}, ...]")
+
+
+def _rows(sess: AdapterSession, feeds: dict[str, np.ndarray], specs: tuple[str, ...],
+          adapter_ids: str | None) -> list[str] | None:
+    """--adapter-ids as a list; for a mixed-batch model, drops the random ``adapter_ids``
+    that ``build_inputs`` made unless ``-i adapter_ids=...`` gave it."""
+    if sess.mixed and not any(s.startswith(IDS_INPUT + "=") for s in specs):
+        feeds.pop(IDS_INPUT, None)
+    if adapter_ids is None:
+        return None
+    if not sess.mixed:
+        raise LoraFxError(f"--adapter-ids: {sess.path} takes one adapter per run: export it "
+                          "with --mixed-batch, or use --adapter FILE")
+    if IDS_INPUT in feeds:
+        raise LoraFxError(f"give the rows' adapters once: --adapter-ids or -i {IDS_INPUT}=...")
+    return [item.strip() for item in adapter_ids.split(",")]
+
+
+def _default_rows(sess: AdapterSession, feeds: dict[str, np.ndarray],
+                  adapter: str | None) -> list[int]:
+    """Row i on id i mod (n + 1) of the active set."""
+    loaded = sess.adapters.get(adapter) if adapter else None
+    count = loaded.count if loaded else len(sess.rows or ()) or 1
+    batch = next((int(v.shape[0]) for v in feeds.values() if v.ndim), 1)
+    return [i % count for i in range(batch)]

@@ -9,20 +9,26 @@ from typing import Any
 
 import click
 
-from ..api import export_onnx
+from ..api import export_mixed, export_onnx
 from ..capture.trace import capture
+from ..errors import LoraFxError
 from ..fileio import check_writable_dir
 from ..load.model import load_model
 from ..model.adapters import load_adapter
+from ..ort.adapter_sets import named_dirs
 from .common import echo_json
 from .export_kv import export_kv_command
 
 
 @click.command("export")
 @click.argument("model")
-@click.option("--adapter", "adapter_dir", type=click.Path(), help="Adapter directory.")
+@click.option("--adapter", "adapters", multiple=True,
+              help="Adapter directory; with --mixed-batch repeat it ([NAME=]DIR, id k = k-th).")
 @click.option("--merge/--no-merge", default=True, show_default=True,
               help="Fold the adapter into the weights, or keep the branches.")
+@click.option("--mixed-batch", is_flag=True,
+              help="One graph, an adapter per batch row: input adapter_ids (0 = base, k = the "
+                   "k-th --adapter); writes OUT's NAME.adapter_ids.json.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output .onnx file.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
@@ -34,14 +40,23 @@ from .export_kv import export_kv_command
               help="A decoder with its KV cache for generation (-o DIR/model.onnx): ORT "
                    "GenAI's names, genai_config.json and the tokenizer files beside it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
-def export_command(model: str, adapter_dir: str | None, merge: bool, output: str, opset: int | None,
-           verify: bool, dtype: str, kv_cache: bool, as_json: bool) -> None:
-    """Export MODEL (with --adapter: merged or not) to ONNX."""
+def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_batch: bool,
+                   output: str, opset: int | None, verify: bool, dtype: str, kv_cache: bool,
+                   as_json: bool) -> None:
+    """Export MODEL (with --adapter: merged or not; several: --mixed-batch) to ONNX."""
 
+    if kv_cache and (mixed_batch or len(adapters) > 1):
+        raise LoraFxError("--kv-cache with --mixed-batch (several --adapter) is not supported "
+                          "yet: export the decoder with one adapter (--kv-cache --no-merge) "
+                          "and swap adapters per run")
+    adapter_dir = adapters[0] if adapters else None
     if kv_cache:
         export_kv_command(model, adapter_dir, merge, output, opset, verify, dtype, as_json)
         return
     check_writable_dir(Path(output).parent.resolve())
+    if mixed_batch or len(adapters) > 1:
+        _export_mixed(model, adapters, mixed_batch, output, opset, verify, dtype, as_json)
+        return
     loaded = load_model(model)
     if adapter_dir:
         gm = load_adapter(loaded.module, loaded.example_inputs, adapter_dir,
@@ -71,3 +86,34 @@ def export_command(model: str, adapter_dir: str | None, merge: bool, output: str
         errors = ", ".join(f"{k} {v:.3g}" for k, v in report.extras["error_vs_fp32"].items())
         click.echo(f"{dtype} error against fp32 (max abs): {errors}")
 
+
+def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, output: str,
+                  opset: int | None, verify: bool, dtype: str, as_json: bool) -> None:
+    """``--mixed-batch``: every ``--adapter`` ([NAME=]DIR) stacked in one graph."""
+    if not mixed_batch:
+        raise LoraFxError(f"{len(adapters)} --adapter given: pass --mixed-batch to serve them "
+                          "from one graph (an adapter per row), or export one at a time")
+    if dtype != "fp32":
+        raise LoraFxError("--mixed-batch exports fp32 only for now: drop --dtype")
+    named = named_dirs(adapters)
+    loaded = load_model(model)
+    report = export_mixed(loaded.module, loaded.example_inputs, named, output, opset=opset,
+                          verify=verify, dynamic_shapes=loaded.dynamic_shapes)
+    data: dict[str, Any] = {"output": str(report.path), "mixed_batch": True,
+                            "adapters": {n: k for k, n in enumerate(report.extras["adapters"])},
+                            "ids_file": report.extras["ids_file"],
+                            "seconds": round(report.seconds, 3),
+                            "nodes": sum(report.op_histogram.values()),
+                            "max_abs_diff": report.max_abs_diff, "provider": report.provider,
+                            "lora_inputs": report.extras["lora_inputs"],
+                            "bytes": os.path.getsize(report.path)}
+    if as_json:
+        echo_json(data)
+        return
+    ids = ", ".join(f"{k}={n}" for n, k in data["adapters"].items())
+    click.echo(f"wrote {output} (mixed batch: {ids}; {len(data['lora_inputs'])} sites, "
+               f"{data['nodes']} nodes, {data['bytes'] / 1e6:.1f} MB) in {report.seconds:.1f} s")
+    click.echo(f"adapter ids: {data['ids_file']}")
+    if report.max_abs_diff is not None:
+        click.echo(f"verified: max |ONNX Runtime - PyTorch| = {report.max_abs_diff:.3g} "
+                   f"on {report.provider}")

@@ -122,15 +122,13 @@ def read_adapters(adapters: Mapping[str, str | Path | Adapter] | Sequence[str | 
                   ) -> dict[str, tuple[Adapter, str]]:
     """name → (adapter, where): a mapping as given, a sequence of directories named by their
     folder names; order kept (it is the ids' order)."""
-    items = adapters.items() if isinstance(adapters, Mapping) else \
+    items = list(adapters.items()) if isinstance(adapters, Mapping) else \
         [(Path(d).name, d) for d in adapters]
-    out: dict[str, tuple[Adapter, str]] = {}
-    for name, src in items:
-        check_names([*out, name])
-        out[name] = (src, name) if isinstance(src, Adapter) else (read_adapter(src), str(src))
-    if not out:
+    if not items:
         raise LoraFxError("a mixed-batch export needs at least one adapter (--adapter DIR)")
-    return out
+    check_names([name for name, _ in items])
+    return {name: (src, name) if isinstance(src, Adapter) else (read_adapter(src), str(src))
+            for name, src in items}
 
 
 def _check_fits(params: Mapping[str, torch.Tensor], state: LoraState, where: str) -> None:

@@ -49,6 +49,19 @@ def check_names(names: Sequence[str]) -> list[str]:
     return [BASE, *names]
 
 
+def named_dirs(specs: Sequence[str]) -> dict[str, str]:
+    """``NAME=DIR`` items → {NAME: DIR}; a plain ``DIR`` is named by its folder name (an
+    existing path containing ``=`` stays a path). Names are checked (``check_names``)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not (sep and name and not Path(spec).exists()):
+            name, directory = Path(spec).name, spec
+        check_names([*out, name])
+        out[name] = directory
+    return out
+
+
 def ids_file(path: str | Path) -> Path:
     """Where the set order of ``path`` lives: ``m.onnx`` → ``m.adapter_ids.json``."""
     p = Path(path)

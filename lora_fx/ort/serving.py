@@ -17,10 +17,20 @@ Typical use::
     sess.load("support", "support.onnx_adapter")
     sess.load("legal", "legal.onnx_adapter")     # any rank
     logits, = sess.run({"input_ids": ids}, adapter="legal")
+
+A mixed-batch model (``lorafx export --mixed-batch``) takes an adapter per batch row: ``rows``
+names them (or gives ids), checked against the set's order (``model.adapter_ids.json``, or the
+loaded set file's) before ONNX Runtime runs::
+
+    sess = AdapterSession("mixed.onnx")
+    logits, = sess.run({"input_ids": ids}, rows=["__base__", "a1", "a2", "a1"])
+    sess.load("night", "night.onnx_adapter")     # a set: lorafx convert-adapter --mixed-batch
+    logits, = sess.run({"input_ids": ids}, adapter="night", rows=["n3", "__base__", ...])
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +43,7 @@ import onnxruntime as ort
 from ..errors import LoraFxError
 from ..onnx.names import A_SUFFIX, B_SUFFIX
 from . import runtime
+from .adapter_sets import IDS_INPUT, NAMES_META, check_ids, read_ids, row_ids
 
 Inputs = Mapping[str, Any] | Sequence[Any]
 
@@ -47,6 +58,8 @@ class LoadedAdapter:
     run_options: Any                # RunOptions with this adapter active
     bound: dict[str, Any]           # parameter name → OrtValue on the session's device
     ranks: dict[str, int]           # site → rank
+    rows: list[str] | None = None   # a mixed-batch set: names by id ("__base__" first)
+    count: int = 0                  # a mixed-batch set: n + 1 ids
 
 
 class AdapterSession:
@@ -63,6 +76,9 @@ class AdapterSession:
         self.lora_inputs = {i.name: i for i in self.session.get_overridable_initializers()
                             if i.name.endswith((A_SUFFIX, B_SUFFIX))}
         self.adapters: dict[str, LoadedAdapter] = {}
+        self.mixed = IDS_INPUT in self.inputs
+        meta = self.session.get_modelmeta().custom_metadata_map.get(NAMES_META)
+        self.rows: list[str] | None = read_ids(self.path) or (json.loads(meta) if meta else None)
 
     @property
     def device(self) -> tuple[str, int]:
@@ -86,6 +102,15 @@ class AdapterSession:
         options = ort.RunOptions()
         options.add_active_adapter(handle)
         loaded = LoadedAdapter(name, path, handle, options, self._on_device(params), ranks)
+        if self.mixed:
+            loaded.count = _set_size(path, params)
+            loaded.rows = read_ids(path)
+            if loaded.rows is not None and len(loaded.rows) != loaded.count:
+                raise LoraFxError(f"{path} stacks {loaded.count - 1} adapters but its names "
+                                  f"file lists {len(loaded.rows) - 1}: rewrite the set")
+        elif any(len(value.shape()) == 3 for value in params.values()):
+            raise LoraFxError(f"{path} is a mixed-batch adapter set but {self.path} is not a "
+                              "mixed-batch model: export it with --mixed-batch")
         self.adapters[name] = loaded
         return loaded
 
@@ -110,7 +135,7 @@ class AdapterSession:
         for name, value in params.items():
             if name.endswith(A_SUFFIX):
                 site = name[: -len(A_SUFFIX)]
-                r_a, r_b = value.shape()[-1], params[site + B_SUFFIX].shape()[0]
+                r_a, r_b = value.shape()[-1], params[site + B_SUFFIX].shape()[-2]
                 if r_a != r_b:
                     raise LoraFxError(f"{path}: site {site!r} has lora_A rank {r_a} but lora_B "
                                       f"rank {r_b}: rebuild the adapter file")
@@ -150,15 +175,43 @@ class AdapterSession:
             return {k: v if _is_ortvalue(v) else _array(v) for k, v in inputs.items()}
         return runtime.feeds(self.session, list(inputs))
 
-    def run(self, inputs: Inputs, adapter: str | None = None) -> list[np.ndarray]:
+    def with_rows(self, feeds: dict[str, Any], rows: Sequence[str | int] | None,
+                  adapter: str | None = None) -> dict[str, Any]:
+        """``feeds`` with ``adapter_ids`` for a mixed-batch model: from ``rows`` (a name of
+        the active set, or an id, per batch row) or the ``adapter_ids`` given, each checked
+        (one per row, in [0, n]) before ONNX Runtime runs; other models refuse ``rows``."""
+        if not self.mixed:
+            if rows is not None:
+                raise LoraFxError(f"{self.path} takes one adapter per run, not one per row: "
+                                  "export it with --mixed-batch, or pass adapter=")
+            return feeds
+        loaded = self._adapter(adapter)
+        names = loaded.rows if loaded else self.rows
+        count = loaded.count if loaded else len(self.rows or ())
+        batch = _batch_size(feeds)
+        if rows is not None and IDS_INPUT in feeds:
+            raise LoraFxError(f"give the rows' adapters once: rows= or {IDS_INPUT}, not both")
+        if rows is not None:
+            ids = row_ids(list(rows), names, count, batch)
+        elif IDS_INPUT in feeds:
+            ids = check_ids(_host(feeds[IDS_INPUT]), count, batch)
+        else:
+            raise LoraFxError(f"{self.path} takes an adapter per batch row: pass rows= (names "
+                              f"{', '.join(names or ['by id'])}) or {IDS_INPUT}")
+        return {**feeds, IDS_INPUT: ids}
+
+    def run(self, inputs: Inputs, adapter: str | None = None,
+            rows: Sequence[str | int] | None = None) -> list[np.ndarray]:
         """Run with adapter ``adapter`` active (``RunOptions.add_active_adapter``); ``None``
-        runs the defaults, i.e. the adapter the model was exported with."""
+        runs the defaults, i.e. the adapter (or set) the model was exported with. ``rows``:
+        a mixed-batch model's adapter per batch row (see :meth:`with_rows`)."""
         loaded = self._adapter(adapter)
         options = loaded.run_options if loaded else None
-        return list(self.session.run(None, self.feeds(inputs), options))
+        feeds = self.with_rows(self.feeds(inputs), rows, adapter)
+        return list(self.session.run(None, feeds, options))
 
     def run_bound(self, inputs: Inputs, adapter: str | None = None,
-                  to_host: bool = True) -> list[Any]:
+                  to_host: bool = True, rows: Sequence[str | int] | None = None) -> list[Any]:
         """Run through I/O binding: inputs, the adapter's parameters (already on the device)
         and outputs bound on the session's device; outputs copied to the host unless
         ``to_host`` is False (then OrtValues on the device)."""
@@ -166,7 +219,7 @@ class AdapterSession:
         loaded = self._adapter(adapter)
         kind, index = self.device
         binding = self.session.io_binding()
-        for name, value in self.feeds(inputs).items():
+        for name, value in self.with_rows(self.feeds(inputs), rows, adapter).items():
             if not _is_ortvalue(value):
                 value = ort.OrtValue.ortvalue_from_numpy(value, kind, index)
             binding.bind_ortvalue_input(name, value)
@@ -178,10 +231,11 @@ class AdapterSession:
         return list(binding.copy_outputs_to_cpu()) if to_host else list(binding.get_outputs())
 
     def latency(self, inputs: Inputs, adapter: str | None = None, repeat: int = 20,
-                warmup: int = 3, bound: bool = False) -> list[float]:
+                warmup: int = 3, bound: bool = False,
+                rows: Sequence[str | int] | None = None) -> list[float]:
         """Wall-clock seconds of ``repeat`` calls after ``warmup`` (sorted)."""
         call = self.run_bound if bound else self.run
-        feeds = self.feeds(inputs)
+        feeds = self.with_rows(self.feeds(inputs), rows, adapter)
         for _ in range(warmup):
             call(feeds, adapter)
         times = []
@@ -201,3 +255,26 @@ def _array(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor
         return np.ascontiguousarray(x.detach().cpu().numpy())
     return np.ascontiguousarray(x)
+
+
+def _host(value: Any) -> np.ndarray:
+    return np.asarray(value.numpy()) if _is_ortvalue(value) else np.asarray(value)
+
+
+def _batch_size(feeds: Mapping[str, Any]) -> int | None:
+    """Axis 0 of the first fed input other than the ids (the batch of a mixed-batch model)."""
+    for name, value in feeds.items():
+        shape = value.shape() if _is_ortvalue(value) else np.shape(value)
+        if name != IDS_INPUT and len(shape):
+            return int(shape[0])
+    return None
+
+
+def _set_size(path: Path, params: Mapping[str, Any]) -> int:
+    """n + 1 of a mixed-batch set file: the stacks' leading axis, the same at every site."""
+    sizes = {value.shape()[0] for value in params.values() if len(value.shape()) == 3}
+    if len(sizes) != 1:
+        raise LoraFxError(f"{path} is not a mixed-batch adapter set (stacked [n+1, in, r] "
+                          "factors): write one with `lorafx convert-adapter A1 A2 ... "
+                          "--mixed-batch`")
+    return int(sizes.pop())
