@@ -6,8 +6,9 @@
 
 Suites (each a script of its own, run in a fresh process): ``train`` (bench_train.py),
 ``export`` (bench_export.py), ``latency`` (bench_latency.py), ``generate``
-(bench_generate.py); ``deploy`` runs the ONNX Runtime
-adapter-serving benchmark (bench_deploy.py) when it is present. Writes ``results.json`` (machine,
+(bench_generate.py); ``deploy`` runs the ONNX Runtime adapter-serving benchmark
+(bench_deploy.py) and ``mixed`` the mixed-adapter batch benchmark (bench_mixed.py) when they
+are present. Writes ``results.json`` (machine,
 settings, every row with medians and spread) and ``results.md`` into ``--out``.
 Benchmarks report; they never fail on speed (exit 1 only when a suite crashes).
 """
@@ -28,7 +29,8 @@ sys.path.insert(0, str(HERE))
 
 SUITES = {"train": "bench_train.py", "export": "bench_export.py",
           "latency": "bench_latency.py", "generate": "bench_generate.py"}
-EXTRAS = {"deploy": "bench_deploy.py"}   # other benchmarks of the repository, when present
+EXTRAS = {"deploy": "bench_deploy.py",   # other benchmarks of the repository, when present
+          "mixed": "bench_mixed.py"}
 
 
 def suite_command(name: str, args: argparse.Namespace, out: Path) -> list[str]:

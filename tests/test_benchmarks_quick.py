@@ -26,3 +26,20 @@ def test_quick_benchmarks_write_json_and_markdown(tmp_path: Path) -> None:
         assert row["ratio"]["median"] > 0 and row["value"]["n"] >= 1, row
     md = (tmp_path / "results.md").read_text()
     assert "## Targets" in md and "| target |" in md
+
+
+def test_mixed_batch_benchmark_quick(tmp_path: Path) -> None:
+    """bench_mixed.py --quick: mixed vs split vs merged for k = 1, 4, 16, and the site forms
+    (its own check that mixed rows equal their adapters' split runs runs first)."""
+    out = tmp_path / "mixed.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_mixed.py"),
+                           "--quick", "--json", str(out)], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = json.loads(out.read_text())
+    cases = {(r["suite"], r["case"], r["baseline"]) for r in rows}
+    for k in (1, 4, 16):
+        assert ("mixed batch", f"mixed k={k}", f"split k={k}") in cases
+        assert ("mixed batch", f"mixed k={k}", "merged") in cases
+    assert {("mixed form", f, "merged") for f in ("gather", "dense", "einsum")} <= cases
+    assert all(r["ratio"]["median"] > 0 for r in rows)
