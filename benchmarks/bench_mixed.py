@@ -2,9 +2,11 @@
 
     python benchmarks/bench_mixed.py              # GPT-2-shaped 4 x 256, batch 16 x seq 64
     python benchmarks/bench_mixed.py --quick      # 2 x 64, seq 16, few repeats (a smoke run)
+    python benchmarks/bench_mixed.py --model llama --seq 16
 
 A random GPT-2-shaped model (vocab 1000: a small head, so the LoRA work weighs more than in a
-real GPT-2), LoRA on c_attn, c_proj and c_fc, 16 random adapters of ranks r and r/2 (so the
+real GPT-2), LoRA on c_attn, c_proj and c_fc (``--model llama``: a LLaMA-shaped model, LoRA on
+q, v, o, up, down), 16 random adapters of ranks r and r/2 (so the
 stacks are zero-padded). For k = 1, 4, 16 at batch 16, the same tokens run as
 
 - ``mixed k``: one ``lorafx export --mixed-batch`` file holding the k adapters, one run of 16
@@ -21,7 +23,8 @@ row is checked against its adapter's split run (max |Δ| <= 1e-4).
 the ONNX forms a mixed branch can take, each as y = x W + Δ over the plain x W: ``gather``
 (Gather the rows' A, B; batched MatMul: what lorafx emits), ``dense`` (x times all adapters'
 A side by side, a one-hot mask per row, times all B) and ``einsum`` (Gather, then Einsum), at
-seq 64 (prefill) and seq 1 (decode).
+seq 64 (prefill) and seq 1 (decode); ``unmerged`` (one adapter for every row, MatMul → MatMul
+→ Add, as ``--no-merge`` exports) for reference.
 
 Times: the configured clock (``LORAFX_BENCH_CLOCK``, process CPU time by default) over
 interleaved repeats, ``LORAFX_BENCH_THREADS`` intra-op threads (default 1).
@@ -41,18 +44,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import models  # noqa: E402
 
-TARGETS = ("c_attn", "c_proj", "c_fc")
+TARGETS = {"gpt2": ("c_attn", "c_proj", "c_fc"),
+           "llama": ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")}
 KS = (1, 4, 16)
 BATCH = 16
 
 
-def spec(quick: bool) -> models.Spec:
-    if quick:
-        return models.Spec("gpt2-2x64", "gpt2", TARGETS, 1000, 4, 64, 2)
-    return models.Spec("gpt2-4x256", "gpt2", TARGETS, 1000, 4, 256, 4)
+def spec(kind: str, quick: bool) -> models.Spec:
+    layers, hidden = (2, 64) if quick else (4, 256)
+    return models.Spec(f"{kind}-{layers}x{hidden}", kind, TARGETS[kind], 1000, 4, hidden, layers)
 
 
-def adapters(base: Any, tokens: Any, rank: int, count: int, out: Path) -> list[Path]:
+def adapters(base: Any, tokens: Any, targets: tuple[str, ...], rank: int, count: int,
+             out: Path) -> list[Path]:
     """``count`` adapter dirs with random A, B (B ≠ 0), ranks alternating ``rank``, rank/2."""
     import torch
 
@@ -62,7 +66,7 @@ def adapters(base: Any, tokens: Any, rank: int, count: int, out: Path) -> list[P
     gen = torch.Generator().manual_seed(0)
     for r in (rank, max(1, rank // 2)):
         gm = lora_fx.inject(base, (tokens,), lora_fx.LoraConfig(
-            r=r, lora_alpha=2 * r, target_modules=list(TARGETS)))
+            r=r, lora_alpha=2 * r, target_modules=list(targets)))
         for i in range(0 if r == rank else 1, count, 2):
             with torch.no_grad():
                 for branch in lora_fx.branches(gm).values():
@@ -79,7 +83,7 @@ def export_files(s: models.Spec, rank: int, out: Path) -> dict[str, Any]:
 
     base = models.build(s)
     tokens = models.ids(s, 2, 16)
-    dirs = adapters(base, tokens, rank, max(KS), out)
+    dirs = adapters(base, tokens, s.targets, rank, max(KS), out)
     gm = lora_fx.load_adapter(base, (tokens,), dirs[0])
     lora_fx.export_onnx(gm, (tokens,), out / "merged.onnx", merge=True, verify=False)
     lora_fx.export_onnx(gm, (tokens,), out / "unmerged.onnx", merge=False, verify=False)
@@ -140,10 +144,12 @@ def form_sessions(seq: int, n: int = 16, d: int = 768, o: int = 2304, r: int = 8
     a[0] = b[0] = 0
     mask = np.repeat(np.eye(n + 1, dtype=np.float32), r, axis=1)[:, None, :]
     inits = {"W": w, "A": a, "B": b, "Aall": a.transpose(1, 0, 2).reshape(d, -1),
-             "Ball": b.reshape(-1, o), "M": mask}
+             "Ball": b.reshape(-1, o), "M": mask, "A1": a[1], "B1": b[1]}
     node = helper.make_node
     delta = {
         "merged": [node("Identity", ["y0"], ["y"])],
+        "unmerged": [node("MatMul", ["x", "A1"], ["h"]), node("MatMul", ["h", "B1"], ["dl"]),
+                     node("Add", ["y0", "dl"], ["y"])],
         "gather": [node("Gather", ["A", "ids"], ["ga"], axis=0), node("MatMul", ["x", "ga"], ["h"]),
                    node("Gather", ["B", "ids"], ["gb"], axis=0),
                    node("MatMul", ["h", "gb"], ["dl"]), node("Add", ["y0", "dl"], ["y"])],
@@ -187,8 +193,9 @@ def loop(fn: Callable[[], Any], n: int) -> Callable[[], None]:
     return run
 
 
-def run(quick: bool, reps: int, seq: int | None = None) -> list[common.Row]:
-    s = spec(quick)
+def run(quick: bool, reps: int, seq: int | None = None, kind: str = "gpt2"
+        ) -> list[common.Row]:
+    s = spec(kind, quick)
     rank = 8 if quick else 16
     seq = seq or (16 if quick else 64)
     rows: list[common.Row] = []
@@ -206,7 +213,7 @@ def run(quick: bool, reps: int, seq: int | None = None) -> list[common.Row]:
     for form_seq in ((16, 1) if quick else (64, 1)):
         calls = form_sessions(form_seq)
         t = common.interleaved({name: loop(fn, 5) for name, fn in calls.items()}, reps)
-        for form in ("gather", "dense", "einsum"):
+        for form in ("gather", "dense", "einsum", "unmerged"):
             rows.append(common.row("mixed form", "site 768x2304", form, "merged", t[form],
                                    t["merged"], note=f"batch {BATCH} x seq {form_seq}, r 8, "
                                    "16 adapters"))
@@ -219,10 +226,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None, help="tokens per row (default 64, "
                                                              "quick 16)")
+    ap.add_argument("--model", choices=list(TARGETS), default="gpt2")
     ap.add_argument("--json", "--out", dest="json", help="write rows here")
     args = ap.parse_args()
     common.setup_torch()
-    common.emit(run(args.quick, args.reps or (2 if args.quick else 9), args.seq), args.json)
+    common.emit(run(args.quick, args.reps or (2 if args.quick else 9), args.seq, args.model),
+                args.json)
 
 
 if __name__ == "__main__":

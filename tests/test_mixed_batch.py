@@ -20,7 +20,7 @@ from torch import nn
 
 from lora_fx.api import export_mixed
 from lora_fx.errors import LoraFxError
-from lora_fx.ort.adapter_sets import convert_set, ids_file, row_ids
+from lora_fx.ort.adapter_sets import convert_set, ids_file, named_dirs, read_ids, row_ids
 from lora_fx.ort.serving import AdapterSession
 
 A, B = ".lora_A.weight", ".lora_B.weight"
@@ -216,6 +216,41 @@ def test_a_set_of_another_size_fills_sites_it_lacks(gpt2: dict[str, Any],
         sess.run({"input_ids": x}, adapter="one", rows=[2, 0])
 
 
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("shape", [(2, 16), (2, 5, 16)])
+def test_a_plain_module_symbolic_trace_capture(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    """nn.Linear sites of a plain module (fx.symbolic_trace), 2-D and 3-D inputs."""
+    import peft
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    pm = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["fc1"], init_lora_weights=False), adapter_name="a1")
+    pm.add_adapter("a2", peft.LoraConfig(r=8, lora_alpha=3, target_modules=["fc1", "fc2"],
+                                         init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path / "ad"))
+    x = torch.randn(*shape)
+    report = export_mixed(net, (x,), [tmp_path / "ad" / "a1", tmp_path / "ad" / "a2"],
+                          tmp_path / "net.onnx")
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-5
+    x4 = torch.randn(4, *shape[1:])
+    (got,) = session(tmp_path / "net.onnx").run(None, {"x": x4.numpy(),
+                                                        "adapter_ids": np.array([0, 1, 2, 1])})
+    with torch.no_grad():
+        want = pm.eval()(x4, adapter_names=ROWS).numpy()
+        base = net(x4).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert np.abs(want[1:] - base[1:]).min(axis=-1).max() > 1e-3  # B ≠ 0: the adapters act
+
+
 def test_export_refuses_an_adapter_of_another_base_model(gpt2: dict[str, Any],
                                                          tmp_path: Path) -> None:
     import peft
@@ -253,6 +288,22 @@ def test_row_ids_by_name_and_id() -> None:
     assert row_ids(["y", "0", 1, "__base__"], names, 3, 4).tolist() == [2, 0, 1, 0]
     with pytest.raises(LoraFxError, match="neither an adapter name nor an id"):
         row_ids([1.5j], names, 3, 1)  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ('{"a1": 1, "a2": 2}', "must map '__base__' to 0"),
+    ('{"__base__": 0, "a1": 2}', "without gaps"), ('{"__base__": 0, "a1": "x"}', "without gaps"),
+    ("[1, 2]", "not a JSON object"), ("{", "not a JSON object")])
+def test_a_bad_ids_file_is_refused(tmp_path: Path, text: str, reason: str) -> None:
+    ids_file(tmp_path / "m.onnx").write_text(text)
+    with pytest.raises(LoraFxError, match=reason):
+        read_ids(tmp_path / "m.onnx")
+
+
+def test_named_dirs() -> None:
+    assert named_dirs(["x=ad/one", "ad/two"]) == {"x": "ad/one", "two": "ad/two"}
+    with pytest.raises(LoraFxError, match="appears twice"):
+        named_dirs(["a/x", "b/x"])
 
 
 def test_cli_export_run_and_convert(gpt2: dict[str, Any], tmp_path: Path) -> None:

@@ -179,7 +179,7 @@ def mixed_module(model: nn.Module, example_inputs: tuple[Any, ...],
     for site, rec in state.sites.items():
         branch = MixedBranch(stacks[site + A_SUFFIX], stacks[site + B_SUFFIX], rows)
         set_attr_cow(new, rec.branch, branch)
-    return MixedBatch(new.eval(), rows, [BASE, *read]).eval()
+    return MixedBatch(new, rows, [BASE, *read])
 
 
 def example_ids(batch: int, n: int) -> torch.Tensor:

@@ -83,11 +83,13 @@ def read_ids(path: str | Path) -> list[str] | None:
         return None
     try:
         data = json.loads(target.read_text())
-        names = sorted(data, key=lambda name: data[name])
-        ok = isinstance(data, dict) and [data[n] for n in names] == list(range(len(names)))
-    except (json.JSONDecodeError, TypeError, AttributeError) as err:
-        raise LoraFxError(f"{target} is not a JSON object mapping adapter names to ids "
-                          f"({err}): rewrite it or delete it") from err
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise LoraFxError(f"{target} is not a JSON object mapping adapter names to ids: "
+                          "rewrite it or delete it")
+    names = sorted(data, key=lambda name: data[name] if isinstance(data[name], int) else -1)
+    ok = [data[n] for n in names] == list(range(len(names)))
     if not ok or not names or names[0] != BASE:
         raise LoraFxError(f"{target} must map {BASE!r} to 0 and the adapters to 1, 2, ... "
                           "without gaps: rewrite it or delete it")

@@ -78,7 +78,8 @@ class AdapterSession:
         self.adapters: dict[str, LoadedAdapter] = {}
         self.mixed = IDS_INPUT in self.inputs
         meta = self.session.get_modelmeta().custom_metadata_map.get(NAMES_META)
-        self.rows: list[str] | None = read_ids(self.path) or (json.loads(meta) if meta else None)
+        self.rows: list[str] | None = (read_ids(self.path) or (json.loads(meta) if meta else None)
+                                       ) if self.mixed else None
 
     @property
     def device(self) -> tuple[str, int]:
