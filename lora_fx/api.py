@@ -17,7 +17,7 @@ from .model.plan import plan, plan_model
 from .train.fast import compiled, fuse_branches, training_graph
 
 __all__ = ["apply_adapter", "branches", "capture", "compiled", "count_parameters",
-           "export_kv", "export_mixed", "export_onnx", "fuse_branches", "inject",
+           "export_kv", "export_kv_mixed", "export_mixed", "export_onnx", "fuse_branches", "inject",
            "load_adapter", "lora_parameters", "merge", "plan", "plan_model", "save_adapter",
            "to_adapter", "training_graph"]
 
@@ -41,5 +41,13 @@ def export_mixed(*args: Any, **kwargs: Any) -> Any:
     """``lora_fx.onnx.mixed_export.export_mixed``: a base model and several adapters as one
     ONNX graph choosing the adapter per batch row (input ``adapter_ids``)."""
     from .onnx.mixed_export import export_mixed as export  # deferred: onnx, onnxscript are heavy
+
+    return export(*args, **kwargs)
+
+
+def export_kv_mixed(*args: Any, **kwargs: Any) -> Any:
+    """``lora_fx.onnx.kv_mixed.export_kv_mixed``: a decoder with its KV cache and an adapter
+    per batch row (input ``adapter_ids``), in a folder ``lorafx generate`` decodes."""
+    from .onnx.kv_mixed import export_kv_mixed as export  # deferred: onnx is heavy
 
     return export(*args, **kwargs)

@@ -33,7 +33,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # a1: r 4, a2: r 
 }
 
 
-def peft_pair(base: nn.Module, kind: str, out: Path, seed: int = 0) -> nn.Module:
+def peft_pair(base: nn.Module, kind: str, out: Path, seed: int = 0,
+              scale: float = 0.1) -> nn.Module:
     """PEFT's model holding adapters a1 and a2 with random A, B, saved to out/a1, out/a2."""
     import peft
 
@@ -45,7 +46,7 @@ def peft_pair(base: nn.Module, kind: str, out: Path, seed: int = 0) -> nn.Module
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     pm.save_pretrained(str(out))
     assert (out / "a1" / "adapter_config.json").is_file() and (out / "a2").is_dir()
     return pm.eval()

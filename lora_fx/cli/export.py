@@ -9,13 +9,13 @@ from typing import Any
 
 import click
 
-from ..api import export_mixed, export_onnx
+from ..api import export_kv_mixed, export_mixed, export_onnx
 from ..capture.trace import capture
 from ..errors import LoraFxError
 from ..fileio import check_writable_dir
 from ..load.model import load_model
 from ..model.adapters import load_adapter
-from ..ort.adapter_sets import named_dirs
+from ..ort.adapter_sets import ids_file, named_dirs, read_ids
 from .common import echo_json
 from .export_kv import export_kv_command
 
@@ -45,18 +45,15 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
                    as_json: bool) -> None:
     """Export MODEL (with --adapter: merged or not; several: --mixed-batch) to ONNX."""
 
-    if kv_cache and (mixed_batch or len(adapters) > 1):
-        raise LoraFxError("--kv-cache with --mixed-batch (several --adapter) is not supported "
-                          "yet: export the decoder with one adapter (--kv-cache --no-merge) "
-                          "and swap adapters per run")
+    if mixed_batch or len(adapters) > 1:
+        _export_mixed(model, adapters, mixed_batch, output, opset, verify, dtype, kv_cache,
+                      as_json)
+        return
     adapter_dir = adapters[0] if adapters else None
     if kv_cache:
         export_kv_command(model, adapter_dir, merge, output, opset, verify, dtype, as_json)
         return
     check_writable_dir(Path(output).parent.resolve())
-    if mixed_batch or len(adapters) > 1:
-        _export_mixed(model, adapters, mixed_batch, output, opset, verify, dtype, as_json)
-        return
     loaded = load_model(model)
     if adapter_dir:
         gm = load_adapter(loaded.module, loaded.example_inputs, adapter_dir,
@@ -88,32 +85,45 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
 
 
 def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, output: str,
-                  opset: int | None, verify: bool, dtype: str, as_json: bool) -> None:
-    """``--mixed-batch``: every ``--adapter`` ([NAME=]DIR) stacked in one graph."""
+                  opset: int | None, verify: bool, dtype: str, kv_cache: bool,
+                  as_json: bool) -> None:
+    """``--mixed-batch``: every ``--adapter`` ([NAME=]DIR) stacked in one graph (with
+    ``--kv-cache``: the decoder with its cache, in a folder)."""
     if not mixed_batch:
         raise LoraFxError(f"{len(adapters)} --adapter given: pass --mixed-batch to serve them "
                           "from one graph (an adapter per row), or export one at a time")
     if dtype != "fp32":
         raise LoraFxError("--mixed-batch exports fp32 only for now: drop --dtype")
+    if kv_cache and Path(output).suffix != ".onnx":
+        raise LoraFxError(f"--kv-cache writes a folder: pass -o DIR/model.onnx, not {output}")
+    if not kv_cache:
+        check_writable_dir(Path(output).parent.resolve())
     named = named_dirs(adapters)
     loaded = load_model(model)
-    report = export_mixed(loaded.module, loaded.example_inputs, named, output, opset=opset,
-                          verify=verify, dynamic_shapes=loaded.dynamic_shapes)
+    if kv_cache:
+        report: Any = export_kv_mixed(loaded.module, output, named, opset=opset, verify=verify,
+                                      source=loaded.extras.get("directory"))
+        diff = max(report.max_abs_diff.values(), default=None)
+    else:
+        report = export_mixed(loaded.module, loaded.example_inputs, named, output, opset=opset,
+                              verify=verify, dynamic_shapes=loaded.dynamic_shapes)
+        diff = report.max_abs_diff
+    names = read_ids(report.path) or []
     data: dict[str, Any] = {"output": str(report.path), "mixed_batch": True,
-                            "adapters": {n: k for k, n in enumerate(report.extras["adapters"])},
-                            "ids_file": report.extras["ids_file"],
+                            "kv_cache": kv_cache, "adapters": {n: k for k, n in enumerate(names)},
+                            "ids_file": str(ids_file(report.path)),
                             "seconds": round(report.seconds, 3),
                             "nodes": sum(report.op_histogram.values()),
-                            "max_abs_diff": report.max_abs_diff, "provider": report.provider,
-                            "lora_inputs": report.extras["lora_inputs"],
-                            "bytes": os.path.getsize(report.path)}
+                            "max_abs_diff": diff, "provider": report.provider,
+                            "lora_inputs": report.extras["lora_inputs"] if not kv_cache
+                            else report.lora_inputs, "bytes": os.path.getsize(report.path)}
     if as_json:
         echo_json(data)
         return
     ids = ", ".join(f"{k}={n}" for n, k in data["adapters"].items())
-    click.echo(f"wrote {output} (mixed batch: {ids}; {len(data['lora_inputs'])} sites, "
+    kind = "decoder with KV cache, " if kv_cache else ""
+    click.echo(f"wrote {output} ({kind}mixed batch: {ids}; {len(data['lora_inputs'])} sites, "
                f"{data['nodes']} nodes, {data['bytes'] / 1e6:.1f} MB) in {report.seconds:.1f} s")
     click.echo(f"adapter ids: {data['ids_file']}")
-    if report.max_abs_diff is not None:
-        click.echo(f"verified: max |ONNX Runtime - PyTorch| = {report.max_abs_diff:.3g} "
-                   f"on {report.provider}")
+    if diff is not None:
+        click.echo(f"verified: max |ONNX Runtime - PyTorch| = {diff:.3g} on {report.provider}")

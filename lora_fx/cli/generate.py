@@ -9,7 +9,7 @@ import click
 
 from ..errors import LoraFxError
 from ..ort.genai_decoder import ENGINES, PROVIDERS, open_decoder
-from ..ort.generate import Sampling
+from ..ort.generate import OrtDecoder, Sampling
 from .common import echo_json
 
 
@@ -30,6 +30,9 @@ def parse_ids(text: str) -> list[int]:
               help="One prompt as text, tokenized by the folder's tokenizer (repeatable).")
 @click.option("--adapter", type=click.Path(),
               help=".onnx_adapter file to activate (unmerged export; lorafx convert-adapter).")
+@click.option("--adapter-ids", "adapter_ids", default=None,
+              help="A --mixed-batch export's adapter per prompt, comma-separated names or ids "
+                   "(e.g. __base__,a1,a2); with --adapter, names of that set.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
@@ -44,7 +47,8 @@ def parse_ids(text: str) -> list[int]:
               help="ONNX Runtime intra-op threads (onnxruntime engine).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def generate_command(directory: str, prompt_ids: tuple[str, ...], texts: tuple[str, ...],
-                     adapter: str | None, max_new_tokens: int, do_sample: bool,
+                     adapter: str | None, adapter_ids: str | None, max_new_tokens: int,
+                     do_sample: bool,
                      temperature: float, top_k: int, top_p: float, seed: int, engine: str,
                      provider: str, threads: int | None, as_json: bool) -> None:
     """Generate from a KV-cache export DIRECTORY: new tokens and tokens/s."""
@@ -56,9 +60,17 @@ def generate_command(directory: str, prompt_ids: tuple[str, ...], texts: tuple[s
     prompts = [parse_ids(p) for p in prompt_ids] if prompt_ids else decoder.encode(list(texts))
     name = decoder.load_adapter(adapter) if adapter else None
     sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
-    result = decoder.generate(prompts, max_new_tokens, sampling, name)
+    if adapter_ids is not None:
+        if not isinstance(decoder, OrtDecoder):
+            raise LoraFxError("--adapter-ids needs the onnxruntime engine (ONNX Runtime GenAI "
+                              "cannot feed adapter_ids): pass --engine onnxruntime")
+        rows: list[str | int] = [t.strip() for t in adapter_ids.split(",")]
+        result = decoder.generate(prompts, max_new_tokens, sampling, name, rows=rows)
+    else:
+        result = decoder.generate(prompts, max_new_tokens, sampling, name)
     data: dict[str, Any] = {
         "engine": result.engine, "provider": result.provider, "adapter": adapter,
+        "adapter_ids": adapter_ids.split(",") if adapter_ids else None,
         "tokens": result.tokens, "prompt_lengths": result.prompt_lengths,
         "prefill_ms": round(result.prefill_s * 1e3, 3),
         "decode_ms": round(result.decode_s * 1e3, 3),

@@ -58,15 +58,10 @@ def export_mixed(model: nn.Module, example_inputs: tuple[Any, ...],
     start = time.perf_counter()
     args = tuple(example_inputs)
     mixed = mixed_module(model, args, adapters, dynamic_shapes)
-    batch = _batch(args)
-    ids = example_ids(batch, len(mixed.names) - 1)
-    want = _checked_outputs(mixed, args, ids) if verify else None
-    shapes = {"args": (*row_shapes(args, dynamic_shapes), {0: _BATCH})}
-    program = to_onnx(_placeholders(mixed), (*args, ids), shapes, opset,
-                      translations=translation_table())
-    found = expose_stacks(program.model, mixed)
+    ids = example_ids(batch_of(args), len(mixed.names) - 1)
+    want = checked_outputs(mixed, args, ids) if verify else None
+    program, found = mixed_program(mixed, args, ids, dynamic_shapes, opset)
     _name_inputs(program.model, model, len(args))
-    program.model.metadata_props[NAMES_META] = json.dumps(mixed.names)
     external, layout = save_program(program, Path(path))
     report = ExportReport(Path(path), False, 0.0, external, dict(op_histogram(program.model)),
                           extras={"adapters": mixed.names, "lora_inputs": found})
@@ -82,26 +77,42 @@ def export_mixed(model: nn.Module, example_inputs: tuple[Any, ...],
 _BATCH = torch.export.Dim("batch")
 
 
+def mixed_program(mixed: MixedBatch, args: tuple[Any, ...], ids: torch.Tensor,
+                  dynamic_shapes: Any, opset: int | None) -> tuple[Any, dict[str, dict[str, int]]]:
+    """The ONNXProgram of ``mixed`` on ``(*args, ids)``, its stacks exposed as inputs and its
+    set order in the metadata; returns it and ``{site: {"in", "out", "r"}}``."""
+    shapes = {"args": (*row_shapes(args, dynamic_shapes), {0: _BATCH})}
+    program = to_onnx(_placeholders(mixed), (*args, ids), shapes, opset,
+                      translations=translation_table())
+    found = expose_stacks(program.model, mixed)
+    program.model.metadata_props[NAMES_META] = json.dumps(mixed.names)
+    return program, found
+
+
 def row_shapes(args: tuple[Any, ...], dynamic_shapes: Any) -> list[Any]:
     """Each input's dynamic shapes (given, else every axis ``Dim.AUTO``) with axis 0 the one
-    ``batch`` dim that ``adapter_ids`` shares."""
+    ``batch`` dim that ``adapter_ids`` shares; a list input (a KV cache) item by item."""
     given = list(dynamic_shapes) if isinstance(dynamic_shapes, (list, tuple)) else \
         [None] * len(args) if dynamic_shapes is None else None
     if given is None or len(given) != len(args):
         raise LoraFxError("mixed-batch export takes dynamic_shapes as a tuple with one entry "
                           "per example input (or None)")
+    return [_row_shape(arg, spec) for arg, spec in zip(args, given, strict=True)]
+
+
+def _row_shape(arg: Any, spec: Any) -> Any:
+    if isinstance(arg, (list, tuple)):
+        specs = spec if isinstance(spec, (list, tuple)) else [None] * len(arg)
+        return [_row_shape(a, s) for a, s in zip(arg, specs, strict=True)]
+    if not isinstance(arg, torch.Tensor):
+        return None
     auto = torch.export.Dim.AUTO
-    out: list[Any] = []
-    for arg, spec in zip(args, given, strict=True):
-        if not isinstance(arg, torch.Tensor):
-            out.append(None)
-            continue
-        dims = dict(spec) if isinstance(spec, Mapping) else {i: auto for i in range(arg.dim())}
-        out.append({**dims, 0: _BATCH})
-    return out
+    dims = dict(spec) if isinstance(spec, Mapping) else {i: auto for i in range(arg.dim())}
+    return {**dims, 0: _BATCH}
 
 
-def _batch(args: tuple[Any, ...]) -> int:
+def batch_of(args: tuple[Any, ...]) -> int:
+    """The batch of the example inputs (axis 0 of every tensor), refused below 2."""
     sizes = {int(a.shape[0]) for a in args if isinstance(a, torch.Tensor) and a.dim()}
     if len(sizes) != 1:
         raise LoraFxError(f"mixed-batch export needs every tensor input to have the batch on "
@@ -113,8 +124,8 @@ def _batch(args: tuple[Any, ...]) -> int:
     return batch
 
 
-def _checked_outputs(mixed: MixedBatch, args: tuple[Any, ...],
-                     ids: torch.Tensor) -> list[torch.Tensor]:
+def checked_outputs(mixed: MixedBatch, args: tuple[Any, ...],
+                    ids: torch.Tensor) -> list[torch.Tensor]:
     """PyTorch's outputs for ``ids``, after checking each row equals the same row run with all
     rows on its adapter (the batch-major check, see the module docstring)."""
     got = forward(mixed, (*args, ids))

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LoraFxError
+from .adapter_sets import read_ids
 from .generate import (
     GREEDY,
     Folder,
@@ -153,6 +154,10 @@ def open_decoder(directory: str | Path, engine: str = "auto", provider: str = "a
     if provider not in PROVIDERS:
         raise LoraFxError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
     folder = Folder.open(directory)
-    if engine == "onnxruntime_genai" or (engine == "auto" and genai_available()):
+    mixed = read_ids(folder.model) is not None  # an adapter per row: GenAI cannot feed the ids
+    if mixed and engine == "onnxruntime_genai":
+        raise LoraFxError(f"{directory} is a mixed-batch export (an adapter per row), whose "
+                          "adapter_ids ONNX Runtime GenAI cannot feed: use --engine onnxruntime")
+    if engine == "onnxruntime_genai" or (engine == "auto" and genai_available() and not mixed):
         return GenaiDecoder(folder, provider)
     return OrtDecoder(folder, PROVIDERS[provider], threads)

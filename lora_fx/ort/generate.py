@@ -26,6 +26,7 @@ import onnxruntime as ort
 from ..errors import LoraFxError
 from ..onnx.genai import TOKENIZER_FILES, read_genai_config
 from ..onnx.names import A_SUFFIX, B_SUFFIX
+from .adapter_sets import IDS_INPUT
 from .adapters import model_slots, read_ort_adapter
 from .serving import AdapterSession
 
@@ -209,10 +210,16 @@ class OrtDecoder:
         return feeds
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int,
-                 sampling: Sampling = GREEDY, adapter: str | None = None) -> Generation:
+                 sampling: Sampling = GREEDY, adapter: str | None = None,
+                 rows: list[str | int] | None = None) -> Generation:
+        """``rows``: a mixed-batch export's adapter per prompt (names or ids of the set),
+        checked before the first run and fed at every step."""
         check_prompts(self.folder, prompts, max_new_tokens)
         rng = np.random.default_rng(sampling.seed)
-        feeds = self.prefill_feeds(prompts)
+        ids = self.sess.with_rows({"input_ids": np.zeros((len(prompts), 1), np.int64)}, rows,
+                                  adapter).get(IDS_INPUT)
+        per_row = {} if ids is None else {IDS_INPUT: ids}
+        feeds = {**self.prefill_feeds(prompts), **per_row}
         mask, positions = feeds["attention_mask"], feeds.get("position_ids")
         done = np.zeros(len(prompts), dtype=bool)
         tokens: list[list[int]] = [[] for _ in prompts]
@@ -232,7 +239,8 @@ class OrtDecoder:
             if done.all() or step == max_new_tokens - 1:
                 break
             mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
-            feeds = {"input_ids": nxt[:, None].astype(np.int64), "attention_mask": mask}
+            feeds = {"input_ids": nxt[:, None].astype(np.int64), "attention_mask": mask,
+                     **per_row}
             if positions is not None:
                 positions = positions[:, -1:] + 1
                 feeds["position_ids"] = positions
