@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import LoraBranch, weight_of
-from .linear import _dropout, _init_linear_factors
+from .linear import dropout_module, init_linear_factors
 
 CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -35,9 +35,9 @@ class LoraConv(LoraBranch):
                            padding=geometry["padding"], dilation=geometry["dilation"],
                            padding_mode=geometry.get("padding_mode", "zeros"), **kw)
         self.lora_B = conv(r, out_features, 1, **kw)
-        self.lora_dropout: nn.Module = _dropout(dropout)
+        self.lora_dropout: nn.Module = dropout_module(dropout)
         self.scaling = float(scale)
-        _init_linear_factors(weight_of(self.lora_A), weight_of(self.lora_B), r, init)
+        init_linear_factors(weight_of(self.lora_A), weight_of(self.lora_B), r, init)
 
     def delta_weight(self, layout: str = "out_in") -> torch.Tensor:
         """ΔW = s · (B [out, r] @ A [r, in·∏k]) reshaped to [out, in, *k], fp32."""

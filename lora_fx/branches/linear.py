@@ -11,7 +11,7 @@ from ..errors import LoraFxError
 from .base import LoraBranch, copy_checked, lora_delta, weight_of
 
 
-def _init_linear_factors(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:
+def init_linear_factors(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:
     """PEFT's ``reset_lora_parameters``: A Kaiming-uniform (or N(0, 1/r)), B = 0."""
     if init is False or a.is_meta:
         return
@@ -23,7 +23,7 @@ def _init_linear_factors(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | 
         nn.init.zeros_(b)
 
 
-def _dropout(p: float) -> nn.Module:
+def dropout_module(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
@@ -42,12 +42,12 @@ class LoraLinear(LoraBranch):
         kw = {"dtype": dtype, "device": device}
         self.lora_A = nn.Linear(in_features, r, bias=False, **kw)  # type: ignore[arg-type]
         self.lora_B = nn.Linear(r, out_features, bias=False, **kw)  # type: ignore[arg-type]
-        self.lora_dropout: nn.Module = _dropout(dropout)
+        self.lora_dropout: nn.Module = dropout_module(dropout)
         self.scaling = float(scale)
         self.reset(init)
 
     def reset(self, init: bool | str) -> None:
-        _init_linear_factors(weight_of(self.lora_A), weight_of(self.lora_B), self.r, init)
+        init_linear_factors(weight_of(self.lora_A), weight_of(self.lora_B), self.r, init)
 
     def delta_weight(self, layout: str = "out_in") -> torch.Tensor:
         """ΔW = s · B @ A in fp32, [out, in] (its transpose for layout "in_out")."""
@@ -84,10 +84,10 @@ class LoraFused(LoraBranch):
         kw = {"dtype": dtype, "device": device}
         self.lora_A = nn.Linear(in_features, self.k * r, bias=False, **kw)  # type: ignore
         self.lora_B = nn.Linear(r, self.k * self.slice, bias=False, **kw)  # type: ignore
-        self.lora_dropout: nn.Module = _dropout(dropout)
+        self.lora_dropout: nn.Module = dropout_module(dropout)
         self.scaling = float(scale)
         self.out_features = out_features
-        _init_linear_factors(weight_of(self.lora_A), weight_of(self.lora_B), r, init)
+        init_linear_factors(weight_of(self.lora_A), weight_of(self.lora_B), r, init)
 
     @property
     def r(self) -> int:

@@ -147,7 +147,7 @@ def verify_kv(report: KvReport, kv: KvModule, reference: nn.Module, atol: float 
         checks += [("decode+adapter", kv.example_inputs, reference, "exported"),
                    ("prefill+adapter", prefill, reference, "exported")]
     for name, args, module, adapter in checks:
-        feeds = dict(zip(kv.layout.input_names(), _flat(args), strict=True))
+        feeds = dict(zip(kv.layout.input_names(), flat_inputs(args), strict=True))
         got = sess.run(feeds, adapter)
         want = forward(module, args)
         report.max_abs_diff[name] = torch_max_diff([torch.from_numpy(g) for g in got], want)
@@ -159,7 +159,7 @@ def verify_kv(report: KvReport, kv: KvModule, reference: nn.Module, atol: float 
                           "deploy it")
 
 
-def _flat(args: tuple[Any, ...]) -> list[Any]:
+def flat_inputs(args: tuple[Any, ...]) -> list[Any]:
     out: list[Any] = []
     for a in args:
         out.extend(a if isinstance(a, list) else [a])

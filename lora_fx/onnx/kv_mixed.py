@@ -31,7 +31,7 @@ from ..ort.adapter_sets import IDS_INPUT, write_ids
 from ..ort.serving import AdapterSession
 from .genai import write_genai_files
 from .kv_cache import BATCH, kv_decoder, name_io, trace_inputs
-from .kv_export import KvReport, _flat
+from .kv_export import KvReport, flat_inputs
 from .mixed_batch import MixedBatch, example_ids, mixed_module
 from .mixed_export import batch_of, checked_outputs, mixed_program
 from .report import op_histogram
@@ -88,7 +88,7 @@ def verify_kv_mixed(report: KvReport, mixed: MixedBatch, layout: Any, decode: tu
     report.provider = sess.provider
     prefill, _ = trace_inputs(layout, seed=1, batch=len(ids), seq=5, past=0)
     for name, args in (("decode", decode), ("prefill", prefill)):
-        feeds = dict(zip(layout.input_names(), _flat(args), strict=True))
+        feeds = dict(zip(layout.input_names(), flat_inputs(args), strict=True))
         got = sess.run(feeds, rows=ids.tolist())
         want = forward(mixed, (*args, ids))
         report.max_abs_diff[name] = torch_max_diff([torch.from_numpy(g) for g in got], want)

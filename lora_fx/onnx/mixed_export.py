@@ -39,7 +39,7 @@ from .report import ExportReport, op_histogram
 from .rules import forget_rewriter_state
 from .save import save_program
 from .trace import to_onnx
-from .unmerged import _rename
+from .unmerged import rename_initializer
 from .verify import forward, verify_file
 
 
@@ -167,8 +167,8 @@ def expose_stacks(model: Any, mixed: MixedBatch) -> dict[str, dict[str, int]]:
     found: dict[str, dict[str, int]] = {}
     for site, rec in require_state(mixed.model).sites.items():
         path = f"model.{rec.branch}"
-        a = _rename(graph, path + A_SUFFIX, site + A_SUFFIX, taken)
-        b = _rename(graph, path + B_SUFFIX, site + B_SUFFIX, taken)
+        a = rename_initializer(graph, path + A_SUFFIX, site + A_SUFFIX, taken)
+        b = rename_initializer(graph, path + B_SUFFIX, site + B_SUFFIX, taken)
         for value in (a, b):
             real = mixed.model.get_parameter(rec.branch + value.name[len(site):])
             value.const_value = TorchTensor(real.detach().contiguous(), name=value.name)

@@ -133,8 +133,8 @@ def expose_lora_inputs(model: Any, branches: dict[str, str],
     taken = {v.name for v in graph.inputs} | set(graph.initializers)
     found: list[LoraInput] = []
     for site, path in branches.items():
-        a = _rename(graph, f"{path}{A_SUFFIX}", f"{site}{A_SUFFIX}", taken)
-        b = _rename(graph, f"{path}{B_SUFFIX}", f"{site}{B_SUFFIX}", taken)
+        a = rename_initializer(graph, f"{path}{A_SUFFIX}", f"{site}{A_SUFFIX}", taken)
+        b = rename_initializer(graph, f"{path}{B_SUFFIX}", f"{site}{B_SUFFIX}", taken)
         for value, key in ((a, path + A_SUFFIX), (b, path + B_SUFFIX)):
             value.const_value = TorchTensor(values[key].detach().contiguous(), name=value.name)
         hidden = _check_branch(site, a, b)
@@ -160,7 +160,7 @@ def _shape(dims: list[Any]) -> Any:
     return ir.Shape(dims)
 
 
-def _rename(graph: Any, old: str, new: str, taken: set[str]) -> Any:
+def rename_initializer(graph: Any, old: str, new: str, taken: set[str]) -> Any:
     value = graph.initializers.get(old)
     if value is None:
         raise LoraFxError(f"internal error: the ONNX exporter dropped or renamed initializer "
