@@ -14,7 +14,9 @@ from .errors import LoraFxError, LoraFxWarning
 
 InitKind = bool | str
 _INITS = (True, False, "gaussian", "pissa", "olora")  # pissa/olora: lora_fx.variants.init
-LORAFX_ONLY = ("target_forms", "enable_lora")  # fields PEFT does not have: kept out of its JSON
+LORAFX_ONLY = ("target_forms", "enable_lora", "autocast_adapter_dtype", "branch_compute")  # not
+# PEFT LoraConfig fields: kept out of its JSON (autocast_adapter_dtype is an argument there)
+COMPUTES = ("input", "adapter")
 
 
 @dataclass
@@ -33,6 +35,14 @@ class LoraConfig:
     without ``target_modules``, targets all of them; ``enable_lora`` maps a key (matched as
     rank_pattern's) to loralib's slice mask, e.g. ``{"c_attn": [True, False, True]}``: LoRA on
     the q and v thirds of a fused projection only (``branches.LoraFused``).
+
+    Precision (PEFT's policy): ``autocast_adapter_dtype`` (PEFT's ``get_peft_model`` argument
+    of that name, default True) makes A and B fp32 on an fp16/bf16 (or narrower float) base,
+    so that optimizer updates do not round away; False keeps the base weight's dtype.
+    ``branch_compute`` (lorafx only) says where a branch whose factors differ in dtype from its
+    input computes: "input" (default) casts A and B to the input's dtype inside the graph (fp32
+    master weights, bf16 math, gradients back in fp32); "adapter" casts the input to the
+    factors' dtype and Δ back, as PEFT does (exact, slower: an fp32 copy of each input).
     """
 
     r: int = 8
@@ -55,6 +65,8 @@ class LoraConfig:
     # lorafx only (never written to adapter_config.json; see LORAFX_ONLY):
     target_forms: list[str] | None = None  # keep sites of these forms/kinds ("conv", "matmul")
     enable_lora: dict[str, list[bool]] = field(default_factory=dict)  # key → fused slice mask
+    autocast_adapter_dtype: bool = True  # PEFT's get_peft_model argument: fp32 A, B on bf16
+    branch_compute: str = "input"  # "input": in x's dtype from the factors; "adapter": PEFT's
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -94,6 +106,9 @@ class LoraConfig:
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise LoraFxError("layers_to_transform cannot be used with a regex or 'all-linear' "
                               "target_modules (PEFT refuses it too): list the module names")
+        if self.branch_compute not in COMPUTES:
+            raise LoraFxError(f"branch_compute={self.branch_compute!r} must be one of "
+                              f"{', '.join(COMPUTES)}")
         for key, mask in self.enable_lora.items():
             if not any(mask):
                 raise LoraFxError(f"enable_lora[{key!r}]={mask!r} needs at least one true "
@@ -262,6 +277,8 @@ _TYPES: dict[str, tuple[Any, str]] = {  # field: (check, what it must be)
     "base_model_name_or_path": (_opt(lambda v: isinstance(v, str)), "a string"),
     "task_type": (_opt(lambda v: isinstance(v, str)), "a string"),
     "target_forms": (_opt(_is_str_list), "a list of form names"),
+    "autocast_adapter_dtype": (lambda v: isinstance(v, bool), "true or false"),
+    "branch_compute": (lambda v: isinstance(v, str), "a string"),
     "enable_lora": (lambda v: isinstance(v, dict) and all(
         isinstance(k, str) and isinstance(m, (list, tuple)) and all(isinstance(b, bool) for b in m)
         for k, m in v.items()), "a map of regex to a list of true/false"),

@@ -45,8 +45,8 @@ def _merged(case: str, dtype: torch.dtype) -> tuple[nn.Module, Any, dict[str, An
     base = build().to(dtype)
     x = inputs()
     x = x.to(dtype) if x.is_floating_point() else x
-    gm = lora_fx.inject(base, (x,), lora_fx.LoraConfig(r=4, lora_alpha=8,
-                                                        target_modules=targets))
+    gm = lora_fx.inject(base, (x,), lora_fx.LoraConfig(  # factors in the model's dtype too
+        r=4, lora_alpha=8, target_modules=targets, autocast_adapter_dtype=False))
     randomize_lora(gm, seed=1, scale=0.3)
     merged = lora_fx.merge(gm)
     out: dict[str, Any] = {}

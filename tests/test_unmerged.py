@@ -186,8 +186,16 @@ def test_fp16_unmerged_reports_error_against_fp32(gpt2: dict[str, Any], tmp_path
 
 def test_dtype_of_an_export_capture_needs_the_eager_model(gpt2: dict[str, Any],
                                                            tmp_path: Path) -> None:
+    """Without model=, the capture's own skeleton (capture.recapture) is the eager model;
+    a graph that keeps none is refused."""
+    from lora_fx.capture.recapture import SOURCE_KEY
+
+    report = export_onnx(gpt2["gm"], (gpt2["x"],), tmp_path / "own.onnx", dtype="fp16")
+    assert report.max_abs_diff is not None
+    bare = lora_fx.merge(gpt2["gm"])
+    bare.meta.pop(SOURCE_KEY)
     with pytest.raises(LoraFxError, match="needs the eager model"):
-        export_onnx(gpt2["gm"], (gpt2["x"],), tmp_path / "x.onnx", dtype="fp16")
+        export_onnx(bare, (gpt2["x"],), tmp_path / "x.onnx", dtype="fp16")
     with pytest.raises(LoraFxError, match="not supported"):
         export_onnx(gpt2["gm"], (gpt2["x"],), tmp_path / "x.onnx", dtype="int8",
                     model=gpt2["base"])

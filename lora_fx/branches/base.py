@@ -58,6 +58,23 @@ class LoraBranch(nn.Module):
     lora_A: nn.Module
     lora_B: nn.Module
     scaling: float
+    compute: str = "input"  # LoraConfig.branch_compute: where Δ is computed on mixed dtypes
+
+    def compute_in(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """(x in the dtype Δ is computed in, the dtype Δ is returned in).
+
+        "input": x's own dtype (the factors are cast to it, :meth:`cast`); "adapter" (PEFT's):
+        the factors' dtype, Δ cast back to x's. Integer x (ids) is returned as is.
+        """
+        if self.compute == "adapter" and x.is_floating_point():
+            return x.to(weight_of(self.lora_A).dtype), x.dtype
+        return x, x.dtype
+
+    @staticmethod
+    def cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``w`` in ``dtype`` inside the graph (a no-op when equal; gradients flow back in w's
+        dtype, so fp32 factors are master weights of a bf16 computation)."""
+        return w if w.dtype == dtype else w.to(dtype)
 
     @property
     def r(self) -> int:

@@ -46,4 +46,9 @@ class LoraConv(LoraBranch):
         return delta.reshape(b.shape[0], *a.shape[1:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        h, out = self.compute_in(x)
+        h = self.lora_dropout(h)
+        for conv in (self.lora_A, self.lora_B):
+            assert isinstance(conv, nn.modules.conv._ConvNd)
+            h = conv._conv_forward(h, self.cast(conv.weight, h.dtype), None)  # type: ignore
+        return (h * self.scaling).to(out)

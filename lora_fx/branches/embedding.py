@@ -48,8 +48,12 @@ class LoraEmbedding(LoraBranch):
         delta = self.scaling * (weight_of(self.lora_B).float() @ weight_of(self.lora_A).float())
         return delta if layout == "out_in" else delta.t()
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Δ(ids), returned in the dtype of ``like`` (the lookup's output; default A's),
+        computed in it ("input") or in the factors' dtype ("adapter")."""
         a, b = weight_of(self.lora_A), weight_of(self.lora_B)
-        hidden = F.embedding(ids, a.t(), padding_idx=self.padding_idx,
+        out = like.dtype if like is not None else a.dtype
+        dtype = a.dtype if self.compute == "adapter" else out
+        hidden = F.embedding(ids, self.cast(a, dtype).t(), padding_idx=self.padding_idx,
                              scale_grad_by_freq=self.scale_grad_by_freq)
-        return (hidden @ b.t()) * self.scaling
+        return ((hidden @ self.cast(b, dtype).t()) * self.scaling).to(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraFxError
@@ -55,7 +56,11 @@ class LoraLinear(LoraBranch):
         return delta.t() if layout == "in_out" else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        h, out = self.compute_in(x)
+        a, b = self.cast(weight_of(self.lora_A), h.dtype), self.cast(weight_of(self.lora_B),
+                                                                       h.dtype)
+        delta = F.linear(F.linear(self.lora_dropout(h), a), b) * self.scaling
+        return delta.to(out)
 
 
 class LoraFused(LoraBranch):
@@ -111,15 +116,17 @@ class LoraFused(LoraBranch):
         return delta.t() if layout == "in_out" else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.lora_A(self.lora_dropout(x)).split(self.rank, dim=-1)
+        x, out = self.compute_in(x)
+        a = self.cast(weight_of(self.lora_A), x.dtype)
+        h = F.linear(self.lora_dropout(x), a).split(self.rank, dim=-1)
         outs, j = [], 0
         for b in self._pieces():
             if b is None:
                 outs.append(h[0].new_zeros(*h[0].shape[:-1], self.slice))
             else:
-                outs.append(h[j] @ b.t())
+                outs.append(h[j] @ self.cast(b, x.dtype).t())
                 j += 1
-        return torch.cat(outs, dim=-1) * self.scaling
+        return (torch.cat(outs, dim=-1) * self.scaling).to(out)
 
     def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (k·r, in), B (out, k·r)) with B block-diagonal: PEFT's equivalent plain LoRA."""

@@ -23,12 +23,14 @@ import torch
 from torch import fx, nn
 
 from ..errors import LoraFxError
+from ..graph.portable import PortableGraphModule
 from ..passes.runner import run_pass
 from .attention_dropout import attention_dropout_pass
 from .cache import no_cache
 from .dropout import dropout_pass
 from .dynamic import auto_dynamic
 from .program import PROGRAM_KEY
+from .recapture import remember
 
 CAPTURE_KEY = "lorafx_capture"  # gm.meta[CAPTURE_KEY]: "symbolic_trace" or "export"
 
@@ -60,7 +62,7 @@ class _Tracer(fx.Tracer):
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
     tracer = _Tracer()
     graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return PortableGraphModule(tracer.root, graph, type(model).__name__)
 
 
 @contextlib.contextmanager
@@ -115,13 +117,20 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: A
     finally:
         model.train(was_training)
     exported = ep.module()
-    gm = fx.GraphModule(exported, exported.graph)
+    gm = PortableGraphModule(exported, exported.graph)  # follows .to(): graph.portable
     gm.meta[CAPTURE_KEY] = "export"
     gm.meta[PROGRAM_KEY] = ep  # ONNX export reuses it (capture.program)
     run_pass("dropout", dropout_pass, gm)
     run_pass("attention_dropout", attention_dropout_pass, gm, model)
+    remember(gm, model, example_inputs, dynamic_shapes, capture_export)
     gm.train(was_training)
     return gm
+
+
+def capture_export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: Any
+                   ) -> fx.GraphModule:
+    """``capture(..., method="export")``: how a dtype change captures again (recapture)."""
+    return capture(model, example_inputs, dynamic_shapes, method="export")
 
 
 _HINTS = (  # (words in the error's type or message, what to do)

@@ -7,6 +7,8 @@ import copy
 
 from torch import fx, nn
 
+from .portable import graph_module
+
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
     new = fx.Graph()
@@ -22,7 +24,7 @@ def shallow_copy(module: nn.Module) -> nn.Module:
     """A new root over the same submodules, safe for ``set_attr_cow`` (``module`` untouched)."""
     if isinstance(module, fx.GraphModule):
 
-        new = fx.GraphModule(module, copy_graph(module.graph))
+        new = graph_module(module, copy_graph(module.graph))
         new.meta = dict(module.meta)
         new.train(module.training)
         return new

@@ -14,12 +14,14 @@ from torch import fx, nn
 from ..config import LoraConfig
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
+from ..graph.portable import REBUILD_KEY
 from ..passes.inject import inject_pass
 from ..passes.runner import run_pass
 from ..passes.state import STATE_KEY, LoraState
 from ..passes.variant_hooks import variant_hooks_pass
 from ..variants.init import init_from_weights
 from .plan import plan, saved_modules
+from .portable import reinject
 
 
 def inject(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig,
@@ -33,6 +35,7 @@ def inject(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig
     gm, chosen, _ = plan(model, example_inputs, config, dynamic_shapes)
     state = LoraState(config)
     gm.meta[STATE_KEY] = state
+    gm.meta[REBUILD_KEY] = reinject  # a cast captures again (graph.portable)
     run_pass("inject", inject_pass, gm, chosen, config, state)
     init_from_weights(gm)  # PiSSA / OLoRA: A₀, B₀ from W, W → W − s·B₀A₀ (else a no-op)
     run_pass("variant_hooks", variant_hooks_pass, gm)  # DoRA: wire y, W, b; set m

@@ -11,10 +11,12 @@ from torch import fx, nn
 from .. import memory
 from ..branches.base import LoraBranch
 from ..capture.program import PROGRAM_KEY, weightless
+from ..capture.recapture import carry
 from ..capture.trace import CAPTURE_KEY
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.copy import copy_graph
+from ..graph.portable import graph_module
 from ..match.matcher import weight_readers
 from ..passes.merge import merge_pass, site_uses
 from ..passes.runner import run_pass
@@ -40,8 +42,9 @@ def merge(gm: nn.Module, inplace: bool = False) -> fx.GraphModule:
         raise LoraFxError("merge expects the GraphModule returned by lora_fx.inject")
     state = get_state(gm)
     graph = copy_graph(gm.graph)
-    new = fx.GraphModule(gm, graph)
+    new = graph_module(gm, graph)
     new.meta[CAPTURE_KEY] = gm.meta.get(CAPTURE_KEY, "export")
+    carry(gm, new)  # follows .to(dtype) by capturing the base again
     if PROGRAM_KEY in gm.meta:  # export_onnx(new) then reuses the capture's graph
         new.meta[PROGRAM_KEY] = weightless(gm.meta[PROGRAM_KEY])
     if state is not None:

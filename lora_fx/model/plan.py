@@ -29,10 +29,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..capture.recapture import carry
 from ..capture.trace import CAPTURE_KEY, capture
 from ..config import LoraConfig
 from ..errors import LoraFxError
 from ..graph.copy import copy_graph
+from ..graph.portable import graph_module
 from ..load.meta import SkipMetaInit
 from ..load.model import load_model
 from ..match.matcher import Site, Skip, find_sites
@@ -52,8 +54,9 @@ def plan(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig,
                           "or merge first")
     gm = capture(model, example_inputs, dynamic_shapes)
     if gm is model:  # already captured: work on a copy, never on the caller's graph
-        gm = fx.GraphModule(model, copy_graph(model.graph))
+        gm = graph_module(model, copy_graph(model.graph))
         gm.meta[CAPTURE_KEY] = model.meta[CAPTURE_KEY]
+        carry(model, gm)
     sites, skips = find_sites(gm)
     chosen, rest = select(sites, config, model)  # target_modules / all-linear / target_forms
     for skip in skips:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..capture.recapture import eager_model
 from ..capture.trace import CAPTURE_KEY, capture
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
@@ -68,6 +69,7 @@ def lowered(gm: nn.Module, module: nn.Module, unmerged: bool, dtype: str,
 
     if not (isinstance(gm, fx.GraphModule) and gm.meta.get(CAPTURE_KEY) == "export"):
         return cast_module(module, dtype)
+    model = model if model is not None else eager_model(gm)  # the capture's own skeleton
     if model is None:
         raise LoraFxError(f"a {dtype} export of a torch.export capture needs the eager model: "
                           "pass model= (the module the GraphModule was captured from)")

@@ -96,14 +96,16 @@ def deploy_module(gm: nn.Module, source: nn.Module | None = None,
                   dtype: torch.dtype | None = None) -> nn.Module:
     """A copy of an injected GraphModule whose branches are ``OnnxBranch``es (eval-mode math:
     dropout is the identity), their factors taken from ``source`` (default ``gm``: the same
-    sites) and cast once to ``dtype``. ``gm`` and the user's model are not modified."""
+    sites) and cast once to ``dtype`` (default: each site's weight's, so that fp32 factors on
+    a bf16 base export as bf16 inputs). ``gm`` and the user's model are not modified."""
     state = require_state(gm)
     new = shallow_copy(gm)
     for name, rec in state.sites.items():
         branch = (source or gm).get_submodule(rec.branch)
         if not isinstance(branch, LoraBranch):
             raise LoraFxError(f"site {name!r}: {rec.branch} is not a LoRA branch")
-        set_attr_cow(new, rec.branch, OnnxBranch.from_branch(branch, name, dtype))
+        target = dtype or new.get_parameter(rec.weight).dtype
+        set_attr_cow(new, rec.branch, OnnxBranch.from_branch(branch, name, target))
     return new
 
 

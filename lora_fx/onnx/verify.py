@@ -43,39 +43,61 @@ def torch_max_diff(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 
 def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.Tensor],
-                atol: float = 1e-4, providers: list[str] | None = None,
+                atol: float = 1e-4, providers: list[Any] | None = None,
                 dtype: str | None = None, lean: bool = False,
                 layout: Layout | None = None) -> None:
     """Run ``report.path`` in ONNX Runtime on ``inputs`` and compare with PyTorch's outputs
-    ``want``; raise above ``atol``. No model needs to be alive: for big models, compute
+    ``want``; raise above the tolerance. No model needs to be alive: for big models, compute
     ``want``, release the model, then verify (one copy of the weights at a time); ``lean``:
     a session that holds the weights once (``runtime.open_session``). ``layout``: the file
     was streamed by ``onnx_stream.write_model``; ONNX Runtime loads it through a view that
     maps its weights in place (``onnx_stream.external_view``) instead of copying them.
+
+    CUDA runs with TF32 off (``runtime.verifying_session``); the tolerance (:func:`limit`) and
+    its basis go to ``report.extras["verification"]``. Outputs come back through DLPack, so
+    bf16 files verify too; one the provider cannot run (no bf16 kernels on the CPU) is
+    reported unverified with a warning.
     """
 
     try:
         with _loadable(report.path, layout) as model_file:
-            sess = runtime.open_session(model_file, providers, lean=lean)
+            sess, tf32 = runtime.verifying_session(model_file, providers, lean=lean)
+        got = runtime.run_torch(sess, inputs)
     except LoraFxError as err:
-        if dtype != "bf16" or "NOT_IMPLEMENTED" not in str(err):
+        if dtype not in ("bf16", "fp16") or "NOT_IMPLEMENTED" not in str(err):
             raise
-        warnings.warn(f"{report.path} not verified: ONNX Runtime cannot run bf16 here ({err}); "
-                      "run it on the CUDA provider", LoraFxWarning, stacklevel=2)
+        warnings.warn(f"{report.path} not verified: ONNX Runtime cannot run {dtype} here "
+                      f"({err}); run it on the CUDA provider", LoraFxWarning, stacklevel=2)
         report.extras["verify_skipped"] = str(err)
         return
-    got = runtime.run(sess, inputs)
-    report.max_abs_diff = runtime.max_abs_diff(got, want)
+    report.max_abs_diff = runtime.max_abs_diff_torch(got, want)
     report.provider = runtime.session_provider(sess)
-    limit = atol
+    bound, basis = limit(atol, dtype, tf32, want)
+    report.extras["verification"] = {"provider": report.provider,
+                                     "tf32": None if report.provider != runtime.CUDA
+                                     else ("on" if tf32 else "off"),
+                                     "tolerance": bound, "basis": basis}
     if dtype is not None:
         report.extras.setdefault("error_vs_fp32", {})["onnxruntime"] = report.max_abs_diff
-        scale = max((float(w.abs().max()) for w in want if w.numel()), default=0.0)
-        limit = max(atol, DTYPE_RTOL[dtype] * max(1.0, scale))
-    if not report.max_abs_diff <= limit:
+    if not report.max_abs_diff <= bound:
         raise LoraFxError(f"verification failed: max |ONNX Runtime - PyTorch| = "
-                          f"{report.max_abs_diff:.3g} > {limit:g} on {report.provider}; the file "
-                          f"{report.path} was written, do not deploy it")
+                          f"{report.max_abs_diff:.3g} > {bound:g} ({basis}) on "
+                          f"{report.provider}; the file {report.path} was written, do not "
+                          "deploy it")
+
+
+def limit(atol: float, dtype: str | None, tf32: bool, want: list[torch.Tensor]
+          ) -> tuple[float, str]:
+    """(tolerance, what it is derived from): ``atol`` for fp32 on fp32 math; a cast file
+    ``DTYPE_RTOL[dtype] · max(1, max |y|)``; TF32 MatMuls ``TF32_RTOL · max(1, max |y|)``."""
+    scale = max(1.0, max((float(w.abs().max()) for w in want if w.numel()), default=0.0))
+    bound, basis = atol, f"atol {atol:g}"
+    if dtype is not None and DTYPE_RTOL[dtype] * scale > bound:
+        bound, basis = DTYPE_RTOL[dtype] * scale, f"{dtype}: {DTYPE_RTOL[dtype]:g} x max(1, max|y|)"
+    if tf32 and runtime.TF32_RTOL * scale > bound:
+        bound, basis = runtime.TF32_RTOL * scale, \
+            f"TF32 on: {runtime.TF32_RTOL:g} x max(1, max|y|)"
+    return bound, basis
 
 
 @contextmanager

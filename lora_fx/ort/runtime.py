@@ -2,6 +2,13 @@
 
 onnxruntime-gpu silently falls back to the CPU when CUDA libraries are missing; a session's
 ``get_providers()`` tells what it really uses, and lorafx says so when CUDA was dropped.
+
+The CUDA provider computes fp32 MatMuls in TF32 by default (10-bit mantissa, unit roundoff
+2⁻¹¹): against PyTorch's fp32 that is an error of order 2⁻¹¹ · max |y| per layer, far above
+an fp32 tolerance. Verification therefore opens CUDA sessions with ``use_tf32=0``
+(:func:`verifying_session`); where a build refuses the option it keeps TF32 and says so, and
+the tolerance widens to ``TF32_RTOL · max(1, max |y|)``. Outputs are read through I/O binding
+and DLPack (:func:`run_torch`): numpy has no bfloat16, torch has.
 """
 
 from __future__ import annotations
@@ -9,14 +16,20 @@ from __future__ import annotations
 import ctypes
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
 from ..errors import LoraFxError, LoraFxWarning
+
+CUDA = "CUDAExecutionProvider"
+TF32_OFF = {"use_tf32": "0"}  # CUDA provider option: fp32 MatMuls in fp32
+TF32_RTOL = 5e-3  # ~10 × TF32's unit roundoff 2⁻¹¹: the tolerance when TF32 stays on
+Provider = str | tuple[str, dict[str, Any]]
 
 
 def available_providers() -> list[str]:
@@ -69,6 +82,98 @@ def open_session(path: str | Path,
         warnings.warn(f"ONNX Runtime fell back to {used[0]}: {', '.join(dropped)} requested but "
                       "not usable (CUDA/cuDNN libraries missing?)", LoraFxWarning, stacklevel=2)
     return sess
+
+
+def provider_name(provider: Provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
+def without_tf32(providers: Sequence[Provider]) -> list[Provider]:
+    """``providers`` with ``use_tf32=0`` added to each CUDA entry (other options kept)."""
+    out: list[Provider] = []
+    for p in providers:
+        if provider_name(p) == CUDA:
+            options = dict(p[1]) if isinstance(p, tuple) else {}
+            out.append((CUDA, {**options, **TF32_OFF}))
+        else:
+            out.append(p)
+    return out
+
+
+def tf32_requested(providers: Sequence[Provider]) -> bool:
+    """True when a CUDA entry of ``providers`` leaves TF32 on (the provider's default)."""
+    return any(provider_name(p) == CUDA and str((p[1] if isinstance(p, tuple) else {}).get(
+        "use_tf32", "1")) != "0" for p in providers)
+
+
+def verifying_session(path: str | Path, providers: Sequence[Provider] | None = None,
+                      lean: bool = False) -> tuple[Any, bool]:
+    """(a session for comparing with PyTorch's fp32, whether TF32 is on in it).
+
+    CUDA entries get ``use_tf32=0``; a build that refuses the option gets the providers as
+    asked (TF32 on: the caller widens its tolerance). TF32 counts only where CUDA runs.
+    """
+    requested: list[Provider] = list(providers) if providers else list(default_providers())
+    strict = without_tf32(requested)
+    try:
+        sess = open_session(path, strict, lean=lean)
+    except LoraFxError as err:
+        if strict == requested or "tf32" not in str(err).lower():
+            raise
+        sess = open_session(path, requested, lean=lean)
+        strict = requested
+    return sess, session_provider(sess) == CUDA and tf32_requested(strict)
+
+
+def run_torch(sess: Any, inputs: Mapping[str, Any] | Sequence[Any]) -> list[torch.Tensor]:
+    """Run ``sess`` through I/O binding, inputs and outputs as CPU torch tensors via DLPack
+    (bfloat16 included, which ``InferenceSession.run`` cannot return to numpy)."""
+    names = [i.name for i in sess.get_inputs()]
+    if isinstance(inputs, Mapping):
+        items = list(inputs.items())
+    else:
+        given = [x for x in inputs if x is not None]
+        if len(given) < len(names):
+            raise LoraFxError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}) "
+                              f"but {len(given)} were given")
+        items = list(zip(names, given, strict=False))
+    binding = sess.io_binding()
+    held = []
+    for name, x in items:
+        t = torch.as_tensor(x.detach() if hasattr(x, "detach") else x).cpu().contiguous()
+        held.append(t)  # the OrtValue borrows its memory
+        binding.bind_ortvalue_input(name, _from_dlpack(t))
+    for out in sess.get_outputs():
+        binding.bind_output(out.name, "cpu")
+    try:
+        sess.run_with_iobinding(binding)
+    except Exception as err:  # noqa: BLE001 - ONNX Runtime's errors have no common base
+        raise LoraFxError(f"ONNX Runtime failed to run the model: "
+                          f"{str(err).splitlines()[0]}") from err
+    return [torch.from_dlpack(v.to_dlpack()).clone()
+            for v in binding._iobinding.get_outputs()]
+
+
+def _from_dlpack(t: torch.Tensor) -> Any:
+    """An OrtValue sharing ``t``'s memory (onnxruntime >= 1.20 reads bool-ness from t)."""
+    try:
+        return ort.OrtValue.from_dlpack(t)
+    except TypeError:  # older onnxruntime: (capsule, is_bool)
+        return ort.OrtValue.from_dlpack(t.__dlpack__(), t.dtype == torch.bool)  # type: ignore
+
+
+def max_abs_diff_torch(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    """max |got − want| over all outputs in fp64 (shapes must agree)."""
+    if len(got) != len(want):
+        raise LoraFxError(f"ONNX Runtime returned {len(got)} outputs, PyTorch {len(want)}")
+    worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        if tuple(g.shape) != tuple(w.shape):
+            raise LoraFxError(f"output shape {tuple(g.shape)} from ONNX Runtime differs from "
+                              f"PyTorch's {tuple(w.shape)}")
+        if g.numel():
+            worst = max(worst, float((g.double() - w.detach().cpu().double()).abs().max()))
+    return worst
 
 
 def session_options(threads: int | None = None, lean: bool = False

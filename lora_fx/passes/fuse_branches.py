@@ -3,8 +3,8 @@
 Each site's ``y + s·B(A(dropout(x)))`` (a module call, a Δ tensor, a scale and an add over the
 [N, out] output) becomes two ops on the graph::
 
-    xa  = F.linear(dropout(x), A)                  # [N, r]
-    out = addmm(y, xa, Bᵀ, alpha=s)                # y + s · xa Bᵀ
+    xa  = F.linear(dropout(x), A)                  # [N, r]   (lora_down: A in x's dtype)
+    out = addmm(y, xa, Bᵀ, alpha=s)                # y + s · xa Bᵀ  (lora_addmm: in y's dtype)
 
 so the scale is applied inside the GEMM (and, in backward, to the small [N, r] and [r, out]
 gradients instead of the [N, out] one). A and B stay the branch modules' parameters, so the
@@ -23,9 +23,17 @@ from .runner import PassResult
 from .state import NODE_KEY, require_state
 
 
+def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x Aᵀ in x's dtype (fp32 factors on a bf16 input are cast inside the graph)."""
+    return F.linear(x, a if a.dtype == x.dtype else a.to(x.dtype))
+
+
 def lora_addmm(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scale: float
                ) -> torch.Tensor:
-    """y + scale · xa @ bᵀ as one GEMM over the flattened leading axes: ``addmm(alpha=s)``."""
+    """y + scale · xa @ bᵀ as one GEMM over the flattened leading axes: ``addmm(alpha=s)``,
+    in y's dtype."""
+    b = b if b.dtype == y.dtype else b.to(y.dtype)
+    xa = xa if xa.dtype == y.dtype else xa.to(y.dtype)
     out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(),
                       alpha=scale)
     return out.view(y.shape)
@@ -43,7 +51,7 @@ def _fuse_site(gm: fx.GraphModule, name: str, delta: fx.Node, add: fx.Node,
             new.append(x)
         a = graph.get_attr(f"{path}.lora_A.weight")
         b = graph.get_attr(f"{path}.lora_B.weight")
-        xa = graph.call_function(F.linear, (x, a))
+        xa = graph.call_function(lora_down, (x, a))
         out = graph.call_function(lora_addmm, (y, xa, b, branch.scaling))
     for node in (*new, a, b, xa):
         node.meta[NODE_KEY] = dict(tag)
@@ -65,7 +73,8 @@ def _plain_branch(gm: fx.GraphModule, add: fx.Node) -> tuple[str, fx.Node, str] 
         return None
     rec = require_state(gm).sites.get(tag["site"])
     if rec is None or delta.target != rec.branch or \
-            type(gm.get_submodule(rec.branch)) is not LoraLinear:
+            type(gm.get_submodule(rec.branch)) is not LoraLinear or \
+            gm.get_submodule(rec.branch).compute != "input":  # "adapter": PEFT's casts, unfused
         return None
     return tag["site"], delta, rec.branch
 

@@ -26,9 +26,26 @@ from .runner import PassResult
 from .state import BRANCH_ROOT, NODE_KEY, LoraState, SiteRecord
 
 
+def adapter_dtype(base: torch.dtype, autocast: bool = True) -> torch.dtype:
+    """The dtype of new factors on a base weight of dtype ``base`` (PEFT's policy): fp32 when
+    ``autocast`` and ``base`` is a floating dtype narrower than fp32 (fp16, bf16, fp8), else
+    ``base``."""
+    narrow = base.is_floating_point and torch.finfo(base).bits < 32
+    return torch.float32 if autocast and narrow else base
+
+
 def build_branch(site: Site, config: LoraConfig, dtype: torch.dtype,
                  device: torch.device) -> LoraBranch:
-    """The branch for ``site``: its kind's class, rank, scale and init from ``config``."""
+    """The branch for ``site``: its kind's class, rank, scale and init from ``config``;
+    ``dtype`` is the base weight's (the factors' follows ``adapter_dtype``)."""
+    dtype = adapter_dtype(dtype, config.autocast_adapter_dtype)
+    branch = _new_branch(site, config, dtype, device)
+    branch.compute = config.branch_compute
+    return branch
+
+
+def _new_branch(site: Site, config: LoraConfig, dtype: torch.dtype,
+                device: torch.device) -> LoraBranch:
     if config.use_dora:  # DoRA: its own branch class (lora_fx.variants.dora)
         return dora_branch(site, config, dtype, device)
     r, scale = config.rank_for(site.name), config.scale_for(site.name)
@@ -45,18 +62,19 @@ def build_branch(site: Site, config: LoraConfig, dtype: torch.dtype,
     return LoraLinear(*dims, r, scale, p, init, **kw)  # type: ignore[arg-type]
 
 
-def _reroute(node: fx.Node, add: fx.Node) -> None:
-    """Every user of ``node`` but ``add`` reads ``add`` instead."""
-    node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
+def _reroute(node: fx.Node, add: fx.Node, delta: fx.Node) -> None:
+    """Every user of ``node`` but ``add`` (and ``delta``, which may read it) reads ``add``."""
+    node.replace_all_uses_with(add, delete_user_cb=lambda user: user not in (add, delta))
 
 
 def _insert(graph: fx.Graph, site: Site, path: str) -> None:
     with graph.inserting_after(site.node):
         x = site.node.args[site.x_arg]  # read now: earlier inserts may have rewired it
-        delta = graph.call_module(path, (x,))
+        # an embedding's Δ takes the lookup's dtype from its output (ids carry none)
+        delta = graph.call_module(path, (x, site.node) if site.kind == "embedding" else (x,))
     with graph.inserting_after(delta):
         add = graph.call_function(operator.add, (site.node, delta))
-    _reroute(site.node, add)
+    _reroute(site.node, add, delta)
     delta.meta[NODE_KEY] = {"site": site.name, "role": "delta"}
     add.meta[NODE_KEY] = {"site": site.name, "role": "add"}
     for key in ("val", "tensor_meta", "nn_module_stack", "stack_trace"):

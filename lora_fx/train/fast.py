@@ -16,6 +16,8 @@ from torch import fx, nn
 
 from ..errors import LoraFxError
 from ..graph.copy import copy_graph
+from ..graph.portable import REBUILD_KEY, graph_module
+from ..model.portable import reinject
 from ..passes.fuse_branches import fuse_branches_pass
 from ..passes.fuse_gelu import fuse_gelu_pass
 from ..passes.runner import run_pass
@@ -48,12 +50,26 @@ def training_graph(gm: nn.Module) -> fx.GraphModule:
     if not isinstance(gm, fx.GraphModule):
         raise LoraFxError("training_graph expects the GraphModule returned by lora_fx.inject")
     require_state(gm)
-    train = fx.GraphModule(gm, copy_graph(gm.graph), class_name=type(gm).__name__)
+    train = graph_module(gm, copy_graph(gm.graph), class_name=type(gm).__name__)
     train.meta = dict(gm.meta)
     train.train(gm.training)
+    return _speed_passes(train)
+
+
+def _speed_passes(train: fx.GraphModule) -> fx.GraphModule:
+    """Fused branches, one-kernel GELU, blocked wide linears (``training_graph``'s passes)."""
     run_pass("fuse_branches", fuse_branches_pass, train)
     run_pass("fuse_gelu", fuse_gelu_pass, train)
-    return run_pass("wide_linear", wide_linear_pass, train).gm
+    train = run_pass("wide_linear", wide_linear_pass, train).gm
+    train.meta[REBUILD_KEY] = _retrain  # a cast captures again, then these passes again
+    return train
+
+
+def _retrain(train: fx.GraphModule) -> fx.GraphModule:
+    """``train``'s graph for its new dtype: the base captured again, branches, speed passes."""
+    fresh = reinject(train)
+    fresh.train(train.training)
+    return _speed_passes(fresh)
 
 
 def compiled(gm: nn.Module, fuse: bool = True, **options: Any) -> Any:

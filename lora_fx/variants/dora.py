@@ -70,14 +70,25 @@ class DoraLinear(LoraLinear):
         if y is None or weight is None:
             raise LoraFxError("a DoRA branch needs the op output and weight: inject it with "
                               "lora_fx.inject(config with use_dora=True)")
+        if self.compute == "adapter" and x.dtype != weight_of(self.lora_A).dtype:
+            dt = weight_of(self.lora_A).dtype  # PEFT's: all in the factors' dtype, Δ cast back
+            return self._delta(x.to(dt), y.to(dt), weight.to(dt),
+                               bias.to(dt) if bias is not None else None).to(x.dtype)
+        return self._delta(x, y, weight, bias)
+
+    def _delta(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """Δ = (g − 1) ⊙ base + g ⊙ s·B A x, computed in x's dtype."""
         w = weight.to(x.dtype)
-        g = self.lora_magnitude_vector / self.weight_norm(w)
+        g = self.cast(self.lora_magnitude_vector, x.dtype) / self.weight_norm(w)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             base = y - bias if bias is not None else y
         else:
             x = self.lora_dropout(x)
             base = F.linear(x, self._out_in(w))
-        lora = self.lora_B(self.lora_A(x))
+        a, b = self.cast(weight_of(self.lora_A), x.dtype), self.cast(weight_of(self.lora_B),
+                                                                       x.dtype)
+        lora = F.linear(F.linear(x, a), b)
         return (g - 1) * base + g * lora * self.scaling
 
     def fold(self, weight: torch.Tensor, layout: str = "out_in", where: str = "") -> torch.Tensor:
