@@ -156,16 +156,14 @@ class PortableGraphModule(fx.GraphModule):
         super()._apply(fn, recurse)
         if not recurse:
             return self
-        for path, value in kept.items():
-            target = _probe(fn, value.device)
-            if target is not None and target != value.device:
-                set_attr_cow(self, path, value.to(target))
+        for path, value in kept.items():  # constants: a cast is undone by the rebuild below
+            set_attr_cow(self, path, fn(value))
         if INPUTS_KEY in self.meta:  # the example inputs a rebuild captures with follow too
             self.meta[INPUTS_KEY] = pytree.tree_map_only(torch.Tensor, fn,
                                                          self.meta[INPUTS_KEY])
         if moves and retarget_devices(self.graph, moves):
             self.recompile()
-            _retarget_program(self, moves)
+            _retarget_program(self, moves, fn)
         self._rebuild_if_cast()
         return self
 
@@ -185,7 +183,8 @@ class PortableGraphModule(fx.GraphModule):
         self.train(self.training)  # new dropout modules take the module's mode
 
 
-def _retarget_program(gm: fx.GraphModule, moves: dict[torch.device, torch.device]) -> None:
+def _retarget_program(gm: fx.GraphModule, moves: dict[torch.device, torch.device], fn: Fn
+                      ) -> None:
     """The kept program follows too: a copy of its graph (merged copies share the original)
     with its devices retargeted and its constants moved; its weights are the module's own
     when export reuses it (``capture.program.captured_program``)."""
@@ -195,7 +194,7 @@ def _retarget_program(gm: fx.GraphModule, moves: dict[torch.device, torch.device
     root = copy.deepcopy(program.graph_module)
     retarget_devices(root.graph, moves)
     root.recompile()
-    moved = {k: v.to(moves.get(v.device, v.device)) if isinstance(v, torch.Tensor) else v
+    moved = {k: fn(v) if isinstance(v, torch.Tensor) else v
              for k, v in program.constants.items()}
     gm.meta[PROGRAM_KEY] = torch.export.ExportedProgram(
         root=root, graph=root.graph, graph_signature=program.graph_signature,

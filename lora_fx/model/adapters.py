@@ -75,17 +75,25 @@ def layout_config(gm: nn.Module) -> dict[str, bool]:
     return {"fan_in_fan_out": layouts == {"in_out"}}
 
 def load_adapter(model: nn.Module, example_inputs: tuple[Any, ...], directory: str | Path,
-                 dynamic_shapes: Any = None) -> fx.GraphModule:
-    """Inject the adapter in ``directory`` (written by lorafx or PEFT) into ``model``."""
+                 dynamic_shapes: Any = None, autocast_adapter_dtype: bool = True
+                 ) -> fx.GraphModule:
+    """Inject the adapter in ``directory`` (written by lorafx or PEFT) into ``model``.
+
+    ``autocast_adapter_dtype`` (PEFT's ``from_pretrained`` argument): the factors are fp32 on
+    an fp16/bf16 base whatever dtype the file holds; False keeps the base's dtype.
+    """
     adapter = read_adapter(directory)
-    return apply_adapter(model, example_inputs, adapter, dynamic_shapes, where=str(directory))
+    return apply_adapter(model, example_inputs, adapter, dynamic_shapes, where=str(directory),
+                         autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def apply_adapter(model: nn.Module, example_inputs: tuple[Any, ...], adapter: Adapter,
-                  dynamic_shapes: Any = None, where: str = "adapter") -> fx.GraphModule:
+                  dynamic_shapes: Any = None, where: str = "adapter",
+                  autocast_adapter_dtype: bool = True) -> fx.GraphModule:
     """Inject ``adapter.config`` and copy its weights in, checking every site and shape."""
     config = LoraConfig.from_peft_dict(adapter.lorafx) if adapter.lorafx else \
         copy.copy(adapter.config)
+    config.autocast_adapter_dtype = autocast_adapter_dtype
     if not reads_weight(config.init_lora_weights):  # PiSSA/OLoRA recompute W_res, as PEFT
         config.init_lora_weights = False
     try:
