@@ -20,6 +20,7 @@ import click
 import numpy as np
 
 from ..errors import LoraFxError
+from ..ort import runtime
 from ..ort.adapter_sets import IDS_INPUT, convert_set, named_dirs
 from ..ort.adapters import convert_adapter as convert
 from ..ort.serving import AdapterSession
@@ -204,7 +205,12 @@ def run_command(model: str, adapters: tuple[str, ...], specs: tuple[str, ...], p
 
     if repeat < 1 or warmup < 0:
         raise LoraFxError("--repeat must be >= 1 and --warmup >= 0")
+    if provider == "cuda":
+        runtime.require_cuda()
     sess = AdapterSession(model, _PROVIDERS[provider], threads)
+    if provider == "cuda" and sess.provider != runtime.CUDA:
+        raise LoraFxError(f"--provider cuda: ONNX Runtime could not start CUDA for {model} and "
+                          f"fell back to {sess.provider} (CUDA/cuDNN libraries missing?)")
     names: list[str | None] = [] if adapters and no_base else [None]
     for path in adapters:
         sess.load(Path(path).stem, path)

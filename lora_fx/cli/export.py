@@ -13,11 +13,13 @@ from ..api import export_kv_mixed, export_mixed, export_onnx
 from ..capture.trace import capture
 from ..errors import LoraFxError
 from ..fileio import check_writable_dir
+from ..load.device import place, resolve_device
 from ..load.model import load_model
 from ..model.adapters import load_adapter
 from ..ort.adapter_sets import ids_file, named_dirs, read_ids
 from .common import echo_json
 from .export_kv import export_kv_command
+from .options import device_option
 
 
 @click.command("export")
@@ -40,11 +42,15 @@ from .export_kv import export_kv_command
               help="A decoder with its KV cache for generation (-o DIR/model.onnx): ORT "
                    "GenAI's names, genai_config.json and the tokenizer files beside it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
+@device_option
 def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_batch: bool,
                    output: str, opset: int | None, verify: bool, dtype: str, kv_cache: bool,
-                   as_json: bool) -> None:
+                   as_json: bool, device: str | None) -> None:
     """Export MODEL (with --adapter: merged or not; several: --mixed-batch) to ONNX."""
 
+    if device is not None and (mixed_batch or len(adapters) > 1 or kv_cache):
+        raise LoraFxError("--device with --kv-cache or several adapters is not supported yet: "
+                          "export those on the CPU (drop --device)")
     if mixed_batch or len(adapters) > 1:
         _export_mixed(model, adapters, mixed_batch, output, opset, verify, dtype, kv_cache,
                       as_json)
@@ -54,7 +60,8 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
         export_kv_command(model, adapter_dir, merge, output, opset, verify, dtype, as_json)
         return
     check_writable_dir(Path(output).parent.resolve())
-    loaded = load_model(model)
+    where = resolve_device(device)
+    loaded = place(load_model(model), where)  # capture and merge where the weights live
     if adapter_dir:
         gm = load_adapter(loaded.module, loaded.example_inputs, adapter_dir,
                               loaded.dynamic_shapes)
@@ -77,8 +84,11 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
     click.echo(f"wrote {output} ({kind}, {data['nodes']} nodes, {data['bytes'] / 1e6:.1f} MB) "
                f"in {report.seconds:.1f} s")
     if report.max_abs_diff is not None:
+        check = report.extras.get("verification", {})
+        tf32 = f", TF32 {check['tf32']}" if check.get("tf32") else ""
         click.echo(f"verified: max |ONNX Runtime - PyTorch| = {report.max_abs_diff:.3g} "
-                   f"on {report.provider}")
+                   f"on {report.provider} (limit {check.get('tolerance', 0):.3g}: "
+                   f"{check.get('basis', '')}{tf32})")
     if "error_vs_fp32" in report.extras:
         errors = ", ".join(f"{k} {v:.3g}" for k, v in report.extras["error_vs_fp32"].items())
         click.echo(f"{dtype} error against fp32 (max abs): {errors}")

@@ -13,6 +13,7 @@ from ..adapter.peft import WEIGHTS_NAME
 from ..config import LoraConfig
 from ..errors import LoraFxError
 from ..fileio import check_writable_dir
+from ..load.device import place, resolve_device, resolve_dtype
 from ..load.model import load_model
 from ..model.adapters import save_adapter
 from ..model.inject import inject
@@ -20,6 +21,7 @@ from ..model.params import count_parameters
 from ..model.plan import plan_model
 from ..passes.state import require_state
 from .common import echo_json, init_value, patterns, site_json, table, target_config
+from .options import adapter_dtype_option, device_option, dtype_option
 
 
 @click.command("inject")
@@ -42,17 +44,23 @@ from .common import echo_json, init_value, patterns, site_json, table, target_co
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 @click.option("--force", is_flag=True, help="Overwrite an existing adapter.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@device_option
+@dtype_option
+@adapter_dtype_option
 def inject_command(model: str, targets: tuple[str, ...], target_regex: str | None, rank: int,
                    alpha: float | None, dropout: float, rslora: bool, init: str,
                    rank_pattern: tuple[str, ...], alpha_pattern: tuple[str, ...],
                    modules_to_save: tuple[str, ...], output: str | None, dry_run: bool,
-                   as_json: bool, force: bool, seed: int) -> None:
+                   as_json: bool, force: bool, seed: int, device: str | None,
+                   model_dtype: str | None, adapter_dtype: str) -> None:
     """Inject LoRA into MODEL and write a fresh adapter (B = 0) to -o DIR."""
     config = target_config(
         targets, target_regex, rank, alpha, lora_dropout=dropout, use_rslora=rslora,
         init_lora_weights=init_value(init), rank_pattern=patterns(rank_pattern, int),
         alpha_pattern=patterns(alpha_pattern, float),
-        modules_to_save=list(modules_to_save) or None)
+        modules_to_save=list(modules_to_save) or None,
+        autocast_adapter_dtype=adapter_dtype == "fp32")
+    where = None if dry_run else resolve_device(device)
     if not dry_run and not output:
         raise LoraFxError("no output: pass -o DIR (or --dry-run to only plan)")
     if output and not dry_run and (Path(output) / WEIGHTS_NAME).exists() and not force:
@@ -65,6 +73,7 @@ def inject_command(model: str, targets: tuple[str, ...], target_regex: str | Non
         _print(config, report.sites, report.trainable_params, report.total_params,
                report.saved_modules, None, as_json)
         return
+    place(loaded, where, resolve_dtype(model_dtype))  # capture where the weights live
     torch.manual_seed(seed)  # after the model file ran: it may seed torch itself
     gm = inject(loaded.module, loaded.example_inputs, config, loaded.dynamic_shapes)
     config.base_model_name_or_path = config.base_model_name_or_path or model

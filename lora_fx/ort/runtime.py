@@ -54,6 +54,17 @@ def default_providers() -> list[str]:
     return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
 
 
+def require_cuda() -> None:
+    """Refuse in one line, saying why, when ONNX Runtime cannot use CUDA on this machine."""
+    offered = available_providers()
+    if CUDA not in offered:
+        raise LoraFxError(f"CUDA requested, but this onnxruntime {ort.__version__} offers only "
+                          f"{', '.join(offered)}: install onnxruntime-gpu, or use the CPU")
+    if not cuda_driver_present():
+        raise LoraFxError("CUDA requested, but no CUDA driver (libcuda) loads on this machine: "
+                          "run on a machine with an NVIDIA GPU, or use the CPU")
+
+
 def open_session(path: str | Path,
                  providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
                  threads: int | None = None, lean: bool = False) -> Any:
@@ -152,6 +163,14 @@ def run_torch(sess: Any, inputs: Mapping[str, Any] | Sequence[Any]) -> list[torc
                           f"{str(err).splitlines()[0]}") from err
     return [torch.from_dlpack(v.to_dlpack()).clone()
             for v in binding._iobinding.get_outputs()]
+
+
+def host_array(value: Any) -> np.ndarray:
+    """An OrtValue's data on the host as numpy; bfloat16 (which numpy lacks) as float32."""
+    if value.data_type() != "tensor(bfloat16)":
+        return np.asarray(value.numpy())
+    c_value = value._ortvalue if hasattr(value, "_ortvalue") else value
+    return torch.from_dlpack(c_value.to_dlpack()).float().cpu().numpy()
 
 
 def _from_dlpack(t: torch.Tensor) -> Any:

@@ -73,6 +73,8 @@ class AdapterSession:
         self.providers: list[str] = list(self.session.get_providers())
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        # numpy has no bfloat16: such outputs come back through I/O binding, as float32
+        self.bf16_outputs = any(o.type == "tensor(bfloat16)" for o in self.session.get_outputs())
         self.lora_inputs = {i.name: i for i in self.session.get_overridable_initializers()
                             if i.name.endswith((A_SUFFIX, B_SUFFIX))}
         self.adapters: dict[str, LoadedAdapter] = {}
@@ -205,7 +207,10 @@ class AdapterSession:
             rows: Sequence[str | int] | None = None) -> list[np.ndarray]:
         """Run with adapter ``adapter`` active (``RunOptions.add_active_adapter``); ``None``
         runs the defaults, i.e. the adapter (or set) the model was exported with. ``rows``:
-        a mixed-batch model's adapter per batch row (see :meth:`with_rows`)."""
+        a mixed-batch model's adapter per batch row (see :meth:`with_rows`). bf16 outputs
+        come back as float32 (numpy has no bfloat16), through :meth:`run_bound`."""
+        if self.bf16_outputs:
+            return self.run_bound(inputs, adapter, rows=rows)
         loaded = self._adapter(adapter)
         options = loaded.run_options if loaded else None
         feeds = self.with_rows(self.feeds(inputs), rows, adapter)
@@ -229,7 +234,11 @@ class AdapterSession:
         for name in self.outputs:
             binding.bind_output(name, kind, index)
         self.session.run_with_iobinding(binding)
-        return list(binding.copy_outputs_to_cpu()) if to_host else list(binding.get_outputs())
+        if not to_host:
+            return list(binding.get_outputs())
+        if not self.bf16_outputs:
+            return list(binding.copy_outputs_to_cpu())
+        return [runtime.host_array(v) for v in binding.get_outputs()]
 
     def latency(self, inputs: Inputs, adapter: str | None = None, repeat: int = 20,
                 warmup: int = 3, bound: bool = False,
