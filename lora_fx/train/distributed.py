@@ -10,18 +10,30 @@ After :func:`lora_fx.inject` only A and B (and ``modules_to_save`` copies) requi
 step all-reduces Σ_sites r·(in + out) values instead of the whole model's. :func:`wrap_ddp` also
 keeps the frozen base out of DDP's start-up broadcast and its per-step buffer broadcast: every
 rank loads the same base weights, and they never change.
+
+Past one GPU's memory, :func:`shard_blocks` shards with FSDP2 per transformer block: the
+capture's blocks become submodules again (``passes.split_blocks``), each a ``fully_shard``
+group, so that a rank holds 1/N of the weights plus the one block being computed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.fsdp import fully_shard
 
+from ..capture.trace import CAPTURE_KEY
 from ..errors import LoraFxError
+from ..graph.copy import copy_graph
+from ..graph.portable import graph_module
+from ..passes.runner import run_pass
+from ..passes.split_blocks import BLOCK_PREFIX, block_of, moved_path, split_blocks_pass
+from ..passes.state import STATE_KEY, LoraState, get_state
 
 
 @dataclass
@@ -92,3 +104,52 @@ def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
                           "multiple of the world size (equal shards keep DDP's mean exact)")
     size = batch.shape[0] // world
     return batch[rank * size:(rank + 1) * size]
+
+
+def split_blocks(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` (the same tensors and modules) whose transformer blocks are
+    submodules ``block_<i>`` (``passes.split_blocks``), so that each can be its own FSDP2
+    group; the LoRA state follows (``lora_parameters`` and ``branches`` work on it)."""
+    work = graph_module(gm, copy_graph(gm.graph))
+    run_pass("split_blocks", split_blocks_pass, work)
+    split = graph_module(work, work.graph)  # holds only what its graph reads: no weight twice
+    split.meta[CAPTURE_KEY] = gm.meta.get(CAPTURE_KEY)
+    state = get_state(gm)
+    if state is not None:
+        paths = block_of(split)
+        sites = {n: dataclasses.replace(r, weight=moved_path(paths, r.weight),
+                                        branch=moved_path(paths, r.branch))
+                 for n, r in state.sites.items()}
+        split.meta[STATE_KEY] = LoraState(state.config, sites,
+                                          [moved_path(paths, s) for s in state.saved])
+    split.train(gm.training)
+    return split
+
+
+def shard_blocks(gm: fx.GraphModule, mesh: Any = None, **options: Any) -> fx.GraphModule:
+    """FSDP2 per transformer block: ``fully_shard`` on each ``block_<i>`` of
+    ``split_blocks(gm)``, then on the root (embeddings, head, tied weights).
+
+    Each block's weights are all-gathered just before it runs and freed after (forward and
+    backward), so a rank holds its 1/N shard of every weight plus one block at a time;
+    only A, B (and modules_to_save) get gradients, reduce-scattered per block. Train and
+    step the returned module (its parameters are the sharded ones, DTensors); ``gm``'s
+    parameters are replaced in the shared modules. ``options`` go to ``fully_shard``.
+    """
+    split = split_blocks(gm)
+    for name, child in split.named_children():
+        if name.startswith(BLOCK_PREFIX):
+            fully_shard(child, mesh=mesh, **options)
+    fully_shard(split, mesh=mesh, **options)
+    return split
+
+
+def local_bytes(module: nn.Module) -> tuple[int, int]:
+    """(bytes of the parameters this rank holds, bytes of the whole model's parameters):
+    a sharded parameter (DTensor) counts its local shard against its full size."""
+    here = whole = 0
+    for p in module.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        here += local.numel() * local.element_size()
+        whole += p.numel() * p.element_size()
+    return here, whole
