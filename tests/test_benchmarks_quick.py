@@ -43,3 +43,22 @@ def test_mixed_batch_benchmark_quick(tmp_path: Path) -> None:
         assert ("mixed batch", f"mixed k={k}", "merged") in cases
     assert {("mixed form", f, "merged") for f in ("gather", "dense", "einsum")} <= cases
     assert all(r["ratio"]["median"] > 0 for r in rows)
+
+
+def test_gpu_check_rehearses_on_the_cpu(tmp_path: Path) -> None:
+    """The one prepared GPU script (benchmarks/gpu_check.py) with the CPU standing in for CUDA:
+    every section runs (portability checks, ONNX Runtime equality, precision, latency, the bf16
+    training benchmark) and writes its JSON; no check fails."""
+    import os
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"),
+                           "--device", "cpu", "--quick"], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {"checks", "equality", "precision", "latency", "train"} <= set(result)
+    assert not any(isinstance(v, dict) and "error" in v for v in result["checks"].values())
+    assert {r["variant"] for r in result["latency"] if "median_ms" in r} >= {
+        "ort base", "ort merged", "ort unmerged + Y (bound)", "pytorch merged"}
+    train = {(r["case"], r["baseline"]) for r in result["train"]["rows"]}
+    assert ("lorafx-fast", "full") in train and ("lorafx-adapter", "lorafx") in train
