@@ -83,6 +83,13 @@ def test_moved_to_meta_names_no_cpu(built: Any, which: str) -> None:
     assert _cpu_mentions(module) == []
     out = _logits(module(_ids().to("meta")))
     assert out.device.type == "meta" and out.shape == (2, 8, 97)
+    if which == "merged":  # the kept program followed too: export still reuses it
+        from lora_fx.capture.program import captured_program
+
+        program = captured_program(module)
+        assert program is not None
+        assert not any(isinstance(a, torch.device) and a.type == "cpu"
+                       for n in program.graph.nodes for a in [*n.args, *n.kwargs.values()])
 
 
 @pytest.mark.parametrize("which", ["injected", "merged"])

@@ -157,7 +157,9 @@ class PortableGraphModule(fx.GraphModule):
         if not recurse:
             return self
         for path, value in kept.items():  # constants: a cast is undone by the rebuild below
-            set_attr_cow(self, path, fn(value))
+            new = fn(value)
+            if new is not value:
+                set_attr_cow(self, path, new)
         if INPUTS_KEY in self.meta:  # the example inputs a rebuild captures with follow too
             self.meta[INPUTS_KEY] = pytree.tree_map_only(torch.Tensor, fn,
                                                          self.meta[INPUTS_KEY])
@@ -196,11 +198,14 @@ def _retarget_program(gm: fx.GraphModule, moves: dict[torch.device, torch.device
     root.recompile()
     moved = {k: fn(v) if isinstance(v, torch.Tensor) else v
              for k, v in program.constants.items()}
-    gm.meta[PROGRAM_KEY] = torch.export.ExportedProgram(
-        root=root, graph=root.graph, graph_signature=program.graph_signature,
-        state_dict=program.state_dict, range_constraints=program.range_constraints,
-        module_call_graph=program.module_call_graph, example_inputs=None,
-        constants=moved, verifiers=[program.verifier])
+    try:
+        gm.meta[PROGRAM_KEY] = torch.export.ExportedProgram(
+            root=root, graph=root.graph, graph_signature=program.graph_signature,
+            state_dict=program.state_dict, range_constraints=program.range_constraints,
+            module_call_graph=program.module_call_graph, example_inputs=None,
+            constants=moved, verifiers=[program.verifier])
+    except Exception:  # noqa: BLE001 - an optimization: without it, export traces again
+        gm.meta.pop(PROGRAM_KEY, None)
 
 
 def graph_module(root: nn.Module, graph: fx.Graph, class_name: str = "GraphModule"

@@ -34,6 +34,7 @@ from ..fileio import check_writable_dir
 from ..graph.attrs import set_attr_cow
 from ..model.adapters import apply_adapter, to_adapter
 from ..ort.adapters import onnx_params, write_ort_adapter
+from ..ort.runtime import without_tf32
 from ..ort.serving import AdapterSession
 from ..passes.state import get_state
 from .export import trace
@@ -135,7 +136,8 @@ def verify_kv(report: KvReport, kv: KvModule, reference: nn.Module, atol: float 
     """ONNX Runtime against PyTorch at past 3 (the traced shapes) and at past 0 (a prefill of
     batch 1, 5 tokens); for an unmerged file, also with its adapter file active. Raises
     LoraFxError above ``atol``."""
-    sess = AdapterSession(report.path, providers or ["CPUExecutionProvider"])
+    # CUDA with TF32 off: fp32 MatMuls comparable with PyTorch's (ort.runtime)
+    sess = AdapterSession(report.path, without_tf32(providers or ["CPUExecutionProvider"]))
     report.provider = sess.provider
     prefill, _ = trace_inputs(kv.layout, seed=1, batch=1, seq=5, past=0)
     unmerged = report.adapter_file is not None
