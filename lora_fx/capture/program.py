@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-PROGRAM_KEY = "lorafx_program"  # gm.meta[PROGRAM_KEY]: the ExportedProgram capture produced
+from ..graph.portable import PROGRAM_KEY  # gm.meta[PROGRAM_KEY]: the program capture made
 
 
 def _signature(graph: fx.Graph, names: dict[str, str]) -> list[tuple[str, tuple[str, ...]]]:
