@@ -1,4 +1,9 @@
-"""Adapter surgery: SVD resize (Eckart-Young) and combine against PEFT's add_weighted_adapter."""
+"""Adapter surgery: SVD resize (Eckart-Young) and combine against PEFT's add_weighted_adapter.
+
+Every ΔW = s·B@A is computed here from the raw factors: for the adapters made here s is written
+in the test (alpha / r, alpha / sqrt(r) with rsLoRA); an output of resize or combine declares
+lora_alpha with no alpha_pattern and no rsLoRA, so its s is lora_alpha / k for a site of rank k.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from lora_fx.adapter.peft import Adapter, read_adapter, write_adapter
 from lora_fx.adapter.surgery import combine, resize
 from lora_fx.config import LoraConfig
 from lora_fx.errors import LoraFxError
+from tests.helpers import lora_scale
 
 SHAPES = {"0": (12, 16), "2": (10, 12)}  # the Linear layers of the PEFT reference model
 
@@ -33,11 +39,17 @@ def make_adapter(seed: int, r: int = 4, alpha: float = 8, sites: dict[str, tuple
     return Adapter(cfg, lora)
 
 
-def np_delta(adapter: Adapter, site: str) -> np.ndarray:
+def np_delta(adapter: Adapter, site: str, s: float) -> np.ndarray:
     """s · B @ A in float64, computed here from the raw factors."""
     a, b = adapter.lora[site]
-    s = adapter.config.scale_for(site)
     return s * b.double().flatten(1).numpy() @ a.double().flatten(1).numpy()
+
+
+def out_delta(adapter: Adapter, site: str) -> np.ndarray:
+    """ΔW of a resize / combine output: s = lora_alpha / k, k = the site's rank (A's rows)."""
+    config = adapter.config
+    assert not config.use_rslora and not config.alpha_pattern
+    return np_delta(adapter, site, config.lora_alpha / adapter.lora[site][0].shape[0])
 
 
 # --- resize ----------------------------------------------------------------------------------
@@ -45,21 +57,21 @@ def np_delta(adapter: Adapter, site: str) -> np.ndarray:
 def test_resize_error_equals_tail_energy() -> None:
     adapter = make_adapter(0, r=6, alpha=4, sites={"w": (20, 24), "v": (16, 24)},
                            use_rslora=True, alpha_pattern={"v": 2.0})
+    scales = {"w": lora_scale(4, 6, rslora=True), "v": lora_scale(2.0, 6, rslora=True)}
     small, kept = resize(adapter, 2)
     assert small.config.r == 2 and small.config.lora_alpha == 2 and not small.config.use_rslora
     assert small.config.rank_pattern == {} and small.config.alpha_pattern == {}
     for site in adapter.lora:
         a, b = small.lora[site]
         assert a.shape == (2, 24) and b.shape[1] == 2 and a.dtype == torch.float32
-        full = np_delta(adapter, site)
+        full = np_delta(adapter, site, scales[site])
         svals = np.linalg.svd(full, compute_uv=False)
-        err = np.linalg.norm(full - small.delta(site).double().numpy()) ** 2
+        err = np.linalg.norm(full - out_delta(small, site)) ** 2
         np.testing.assert_allclose(err, (svals[2:] ** 2).sum(), rtol=1e-4)
         np.testing.assert_allclose(kept[site], (svals[:2] ** 2).sum() / (svals ** 2).sum(),
                                    rtol=1e-10)
         u, s, vh = np.linalg.svd(full)  # it is the best rank-2 approximation itself
-        np.testing.assert_allclose(small.delta(site).double().numpy(),
-                                   (u[:, :2] * s[:2]) @ vh[:2], atol=1e-5)
+        np.testing.assert_allclose(out_delta(small, site), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-5)
 
 
 def test_resize_to_full_rank_reproduces_delta(tmp_path: Path) -> None:
@@ -72,9 +84,10 @@ def test_resize_to_full_rank_reproduces_delta(tmp_path: Path) -> None:
     assert kept == {"w": pytest.approx(1.0), "a.w": pytest.approx(1.0)}
     write_adapter(same, tmp_path / "same")
     again = read_adapter(tmp_path / "same")  # rank_pattern survives the JSON round trip
+    scales = {"w": lora_scale(16, 4), "a.w": lora_scale(16, 2)}
     for site in adapter.lora:
         assert again.lora[site][0].shape[0] == adapter.lora[site][0].shape[0]
-        np.testing.assert_allclose(again.delta(site).double().numpy(), np_delta(adapter, site),
+        np.testing.assert_allclose(out_delta(again, site), np_delta(adapter, site, scales[site]),
                                    atol=1e-5)
 
 
@@ -108,8 +121,8 @@ def test_peft_loads_resized_adapter_with_rank_pattern(tmp_path: Path) -> None:
     for site in ("w", "a.w"):
         layer = pm.base_model.model.get_submodule(site)
         assert layer.r["default"] == out.lora[site][0].shape[0]
-        torch.testing.assert_close(layer.get_delta_weight("default"), out.delta(site),
-                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(layer.get_delta_weight("default").double(),
+                                   torch.from_numpy(out_delta(out, site)), atol=1e-6, rtol=1e-6)
 
 
 def test_resize_conv_keeps_shapes_and_dtype() -> None:
@@ -118,9 +131,9 @@ def test_resize_conv_keeps_shapes_and_dtype() -> None:
     out, _ = resize(adapter, 2)
     a, b = out.lora["conv"]
     assert a.shape == (2, 3, 3, 3) and b.shape == (8, 2, 1, 1) and a.dtype == torch.float64
-    full = np_delta(adapter, "conv")
+    full = np_delta(adapter, "conv", lora_scale(8, 4))
     u, s, vh = np.linalg.svd(full)
-    np.testing.assert_allclose(np_delta(out, "conv"), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-12)
+    np.testing.assert_allclose(out_delta(out, "conv"), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-12)
 
 
 def test_resize_refuses_bad_rank() -> None:
@@ -174,25 +187,26 @@ def test_combine_matches_peft(method: str, ranks: tuple[int, int], weights: list
     expected = peft_combine(adapters, weights, method, rank)
     mixed = combine(adapters, weights, method=method, rank=rank)
     for site in SHAPES:
-        torch.testing.assert_close(mixed.delta(site), expected[site], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(out_delta(mixed, site)),
+                                   expected[site].double(), atol=1e-5, rtol=1e-5)
     new_rank = {"linear": 4, "cat": 10, "svd": rank or 6}[method]
-    assert mixed.config.r == new_rank and mixed.config.scale_for("0") == 1.0
+    assert mixed.config.r == new_rank == mixed.config.lora_alpha  # s = 1
 
 
 def test_combine_cat_and_full_svd_are_exact_weighted_sums() -> None:
     one = make_adapter(12, r=4, alpha=8, use_rslora=True, rank_pattern={"2": 2})
     two = make_adapter(13, r=3, alpha=5, sites={"0": (12, 16), "x.0": (12, 16)})
+    d1 = {"0": np_delta(one, "0", lora_scale(8, 4, rslora=True)),
+          "2": np_delta(one, "2", lora_scale(8, 2, rslora=True))}
+    d2 = {site: np_delta(two, site, lora_scale(5, 3)) for site in ("0", "x.0")}
     w = [0.5, -2.0]
     for method in ("cat", "svd"):
         mixed = combine([one, two], w, method=method, rank=100 if method == "svd" else None)
         assert sorted(mixed.lora) == ["0", "2", "x.0"]
-        np.testing.assert_allclose(mixed.delta("0").double().numpy(),
-                                   w[0] * np_delta(one, "0") + w[1] * np_delta(two, "0"),
+        np.testing.assert_allclose(out_delta(mixed, "0"), w[0] * d1["0"] + w[1] * d2["0"],
                                    atol=1e-5)
-        np.testing.assert_allclose(mixed.delta("2").double().numpy(), w[0] * np_delta(one, "2"),
-                                   atol=1e-5)
-        np.testing.assert_allclose(mixed.delta("x.0").double().numpy(),
-                                   w[1] * np_delta(two, "x.0"), atol=1e-5)
+        np.testing.assert_allclose(out_delta(mixed, "2"), w[0] * d1["2"], atol=1e-5)
+        np.testing.assert_allclose(out_delta(mixed, "x.0"), w[1] * d2["x.0"], atol=1e-5)
     assert mixed.config.target_modules == ["0", "2", "x.0"]
 
 
@@ -202,8 +216,8 @@ def test_combine_single_adapter_svd_truncates(tmp_path: Path) -> None:
     mixed = combine([tmp_path / "a"], [2.0], method="svd", rank=2)
     resized, _ = resize(adapter, 2)
     for site in SHAPES:
-        torch.testing.assert_close(mixed.delta(site), 2.0 * resized.delta(site), atol=1e-5,
-                                   rtol=1e-5)
+        np.testing.assert_allclose(out_delta(mixed, site), 2.0 * out_delta(resized, site),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_combine_refusals() -> None:

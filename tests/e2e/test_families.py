@@ -30,10 +30,10 @@ from lora_fx.onnx.report import op_histogram
 from lora_fx.onnx.trace import to_onnx
 from lora_fx.onnx.verify import flat_outputs
 from lora_fx.ort import runtime
-from lora_fx.passes.state import NODE_KEY, require_state
+from lora_fx.passes.state import NODE_KEY
 from lora_fx.plugins import hf
 from lora_fx.train.fast import training_graph
-from tests.helpers import peft_model_like, randomize_lora
+from tests.helpers import hand_merged, lora_scale, peft_model_like, randomize_lora
 
 transformers = pytest.importorskip("transformers")
 T = transformers
@@ -183,17 +183,11 @@ def _train_two_steps(gm: nn.Module, loaded: LoadedModel) -> dict[str, bool]:
 
 
 def _hand_merged(base: nn.Module, gm: nn.Module) -> nn.Module:
-    """The eager module with W += (α/r)·B@A at every site (ᵀ for [in, out] weights)."""
-    ref = copy.deepcopy(base)
-    state = require_state(gm)
-    with torch.no_grad():
-        for name, branch in lora_fx.branches(gm).items():
-            rec = state.sites[name]
-            a, b = branch.lora_A.weight.flatten(1), branch.lora_B.weight.flatten(1)
-            delta = (ALPHA / R) * (b @ a)
-            w = ref.get_parameter(rec.weight)
-            w += (delta.t() if rec.layout == "in_out" else delta).reshape(w.shape)
-    return ref.eval()
+    """The eager module with W += (α/r)·B@A at every site. Only nn.TransformerEncoder takes this
+    path (PEFT names its sites differently): in_proj_weight [3E, E], out_proj, linear1 and
+    linear2 (nn.Linear) all keep W as [out, in]."""
+    return hand_merged(base, gm, dict.fromkeys(lora_fx.branches(gm), "out_in"),
+                       lora_scale(ALPHA, R))
 
 
 def _pipeline(family: Family, tmp: Path) -> Run:

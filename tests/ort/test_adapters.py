@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from lora_fx.api import export_onnx
 from lora_fx.config import LoraConfig
 from lora_fx.errors import LoraFxError
 from lora_fx.ort.adapters import convert_adapter, model_slots, read_ort_adapter
-from tests.helpers import tiny_mlp
+from tests.helpers import TINY_LAYOUTS, lora_scale, tiny_mlp
 
 SHAPES = {"w_in": (64, 32), "w_mid": (64, 64), "w_up": (32, 64)}  # TinyMLP sites: (out, in)
 
@@ -62,7 +61,8 @@ def test_parameters_are_transposed_with_the_site_scale_folded(tmp_path: Path) ->
     report = convert_adapter(tmp_path / "ad", tmp_path / "a.onnx_adapter")
     assert report.sites == {"w_in": 4, "w_mid": 2, "w_up": 4} and report.dtype == "fp32"
     params = read_ort_adapter(tmp_path / "a.onnx_adapter")
-    scales = {"w_in": 6 / math.sqrt(4), "w_mid": 6 / math.sqrt(2), "w_up": 3 / math.sqrt(4)}
+    scales = {"w_in": lora_scale(6, 4, rslora=True), "w_mid": lora_scale(6, 2, rslora=True),
+              "w_up": lora_scale(3, 4, rslora=True)}
     assert len(params) == 6
     for site, s in scales.items():
         a, b = (t.numpy() for t in adapter.lora[site])
@@ -100,14 +100,14 @@ def test_model_slots_of_an_unmerged_export(tiny_export: dict[str, Any]) -> None:
     assert {v.dtype for v in model_slots(tiny_export["path16"]).values()} == {"fp16"}
 
 
-def hand_merged(model: nn.Module, adapter: Adapter) -> nn.Module:
+def merged_by_hand(model: nn.Module, adapter: Adapter, s: float) -> nn.Module:
     """W' = W + s·B@A by hand ([in, out] w_up gets the transpose), on a deep copy."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for site, (a, b) in adapter.lora.items():
-            delta = adapter.config.scale_for(site) * (b.double() @ a.double())
+            delta = s * (b.double() @ a.double())
             w = getattr(ref, site)
-            w += (delta.t() if site == "w_up" else delta).float()
+            w += (delta if TINY_LAYOUTS[site] == "out_in" else delta.t()).float()
     return ref.eval()
 
 
@@ -131,7 +131,7 @@ def test_runs_in_onnxruntime_with_missing_sites_zero(tiny_export: dict[str, Any]
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
     (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()}, run_options)
     with torch.no_grad():
-        want = hand_merged(tiny_export["model"], adapter)(x).numpy()
+        want = merged_by_hand(tiny_export["model"], adapter, lora_scale(4, 6))(x).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 

@@ -20,7 +20,7 @@ from lora_fx.api import export_onnx
 from lora_fx.errors import LoraFxError
 from lora_fx.model.pissa import load_on_residual, save_plain_lora
 from lora_fx.onnx.verify import flat_outputs
-from lora_fx.passes.state import NODE_KEY, require_state
+from lora_fx.passes.state import NODE_KEY
 from tests.helpers import randomize_lora, tiny_gpt2, tiny_llama, token_ids
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -138,11 +138,9 @@ def test_lorafx_weight_init_matches_peft_and_saves_what_peft_merges(init: str,
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg)).eval()
     residual = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
                 for k, v in ref.named_parameters() if "base_layer.weight" in k}
-    state = require_state(gm)
-    assert len(state.sites) == 6
-    for rec in state.sites.values():  # W_res = W − s·B₀A₀, as PEFT's
-        torch.testing.assert_close(gm.get_parameter(rec.weight), residual[rec.weight],
-                                   rtol=1e-5, atol=1e-6)
+    assert len(residual) == len(lora_fx.branches(gm)) == 6
+    for path, want in residual.items():  # W_res = W − s·B₀A₀, as PEFT's
+        torch.testing.assert_close(gm.get_parameter(path), want, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(first(gm(ids)), first(base(ids)), rtol=1e-5, atol=1e-5)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # untouched
