@@ -28,9 +28,13 @@ PACKAGE = "lora_fx"
 # Function-level imports allowed, by imported module (a prefix: "matplotlib" allows
 # "matplotlib.figure"): heavy optional dependencies, deferred on purpose.
 OPTIONAL = ("transformers", "matplotlib", "onnxruntime.transformers", "onnxruntime_genai")
-# Function-level imports of lora_fx modules allowed: (importer, imported).
+# The other function-level imports allowed, each by (importer, imported module).
 DEFERRED = {
-    ("lora_fx.api", "lora_fx.onnx.export"),  # the facade loads onnx/onnxscript on first export
+    ("lora_fx.api", "lora_fx.onnx.export"),     # the facade loads onnx/onnxscript on first export
+    ("lora_fx.api", "lora_fx.onnx.kv_export"),  # the same, for the KV-cache export
+    # `lorafx generate` reads genai configs (ort.generate -> onnx.genai -> onnx.kv_cache) but
+    # never renames an exported graph: onnx_ir stays out of it
+    ("lora_fx.onnx.kv_cache", "onnx_ir"),
 }
 
 
@@ -150,9 +154,10 @@ def cycles(graph: nx.DiGraph, root: Path) -> list[str]:
 
 
 def _allowed_in_function(imp: Import) -> bool:
-    if _ours(imp.target):
-        return (imp.importer, imp.target) in DEFERRED
-    return any(imp.target == m or imp.target.startswith(m + ".") for m in OPTIONAL)
+    if (imp.importer, imp.target) in DEFERRED:
+        return True
+    return not _ours(imp.target) and any(
+        imp.target == m or imp.target.startswith(m + ".") for m in OPTIONAL)
 
 
 def function_imports(found: list[Import], root: Path) -> list[str]:

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import run_cli
 
 from lora_fx.cli.main import main
 from lora_fx.ort.adapters import write_ort_adapter
+from tests.helpers import run_cli, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -223,8 +223,6 @@ def test_decoder_with_its_default_config_captures_and_exports(tmp_path: Path) ->
 
 def test_kv_export_refuses_another_models_adapter_and_writes_nothing(
         folder: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from conftest import tiny_llama
-
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     pm.save_pretrained(str(tmp_path / "llama_lora"))
     code, out, err = cli(capsys, "export", f"hf:{folder['tmp'] / 'hf'}", "--adapter",
