@@ -148,6 +148,34 @@ def count_calls(gm: nn.Module, name: str) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and name in str(n.target))
 
 
+# --- two PEFT adapters on one model (mixed-batch references) ----------------------------
+PAIR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # a1: r 4, a2: r 8; other sites
+    "gpt2": (dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+             dict(r=8, lora_alpha=5, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+    "llama": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
+              dict(r=8, lora_alpha=5, target_modules=["q_proj", "o_proj", "down_proj"])),
+}
+
+
+def peft_pair(base: nn.Module, kind: str, out: Path, seed: int = 0,
+              scale: float = 0.1) -> nn.Module:
+    """PEFT's model holding adapters a1 and a2 with random A, B, saved to out/a1, out/a2."""
+    import peft  # the reference implementation (tests only)
+
+    c1, c2 = PAIR_CONFIGS[kind]
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **c1),
+                             adapter_name="a1")
+    pm.add_adapter("a2", peft.LoraConfig(init_lora_weights=False, **c2))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    pm.save_pretrained(str(out))
+    assert (out / "a1" / "adapter_config.json").is_file() and (out / "a2").is_dir()
+    return pm.eval()
+
+
 # --- hand-written references -----------------------------------------------------------------
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
     """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023)."""

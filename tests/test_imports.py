@@ -28,10 +28,11 @@ PACKAGE = "lora_fx"
 # Function-level imports allowed, by imported module (a prefix: "matplotlib" allows
 # "matplotlib.figure"): heavy optional dependencies, deferred on purpose.
 OPTIONAL = ("transformers", "matplotlib", "onnxruntime.transformers", "onnxruntime_genai")
+# The facade's exports (export_onnx, export_kv, ...) import their lora_fx.onnx module on first
+# use, so that ``import lora_fx`` loads no onnx / onnxscript: (importer, imported package).
+FACADE = ("lora_fx.api", "lora_fx.onnx")
 # The other function-level imports allowed, each by (importer, imported module).
 DEFERRED = {
-    ("lora_fx.api", "lora_fx.onnx.export"),     # the facade loads onnx/onnxscript on first export
-    ("lora_fx.api", "lora_fx.onnx.kv_export"),  # the same, for the KV-cache export
     # `lorafx generate` reads genai configs (ort.generate -> onnx.genai -> onnx.kv_cache) but
     # never renames an exported graph: onnx_ir stays out of it
     ("lora_fx.onnx.kv_cache", "onnx_ir"),
@@ -155,6 +156,8 @@ def cycles(graph: nx.DiGraph, root: Path) -> list[str]:
 
 def _allowed_in_function(imp: Import) -> bool:
     if (imp.importer, imp.target) in DEFERRED:
+        return True
+    if imp.importer == FACADE[0] and imp.target.startswith(FACADE[1] + "."):
         return True
     return not _ours(imp.target) and any(
         imp.target == m or imp.target.startswith(m + ".") for m in OPTIONAL)

@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import run_cli, tiny_gpt2, tiny_llama
-from test_mixed_batch import peft_pair
 from torch import nn
 
 from lora_fx.api import export_kv_mixed
 from lora_fx.errors import LoraFxError
 from lora_fx.ort.genai_decoder import open_decoder
+from tests.helpers import peft_pair, run_cli, tiny_gpt2, tiny_llama
 
 PROMPTS = [[5, 9, 13, 2], [7, 7, 3, 21], [44, 1, 8, 60], [11, 12, 13, 14]]
 ROWS = ["__base__", "a1", "a2", "a1"]

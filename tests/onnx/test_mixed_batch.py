@@ -15,43 +15,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import run_cli, tiny_gpt2, tiny_llama, token_ids
 from torch import nn
 
 from lora_fx.api import export_mixed
 from lora_fx.errors import LoraFxError
 from lora_fx.ort.adapter_sets import convert_set, ids_file, named_dirs, read_ids, row_ids
 from lora_fx.ort.serving import AdapterSession
+from tests.helpers import peft_pair, run_cli, tiny_gpt2, tiny_llama, token_ids
 
 A, B = ".lora_A.weight", ".lora_B.weight"
 ROWS = ["__base__", "a1", "a2", "a1"]
-CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # a1: r 4, a2: r 8; other sites
-    "gpt2": (dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
-             dict(r=8, lora_alpha=5, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
-    "llama": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
-              dict(r=8, lora_alpha=5, target_modules=["q_proj", "o_proj", "down_proj"])),
-}
-
-
-def peft_pair(base: nn.Module, kind: str, out: Path, seed: int = 0,
-              scale: float = 0.1) -> nn.Module:
-    """PEFT's model holding adapters a1 and a2 with random A, B, saved to out/a1, out/a2."""
-    import peft
-
-    c1, c2 = CONFIGS[kind]
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **c1),
-                             adapter_name="a1")
-    pm.add_adapter("a2", peft.LoraConfig(init_lora_weights=False, **c2))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    pm.save_pretrained(str(out))
-    assert (out / "a1" / "adapter_config.json").is_file() and (out / "a2").is_dir()
-    return pm.eval()
-
-
 def peft_rows(pm: nn.Module, ids: torch.Tensor, rows: list[str]) -> np.ndarray:
     with torch.no_grad():
         return pm(ids, adapter_names=rows).logits.numpy()  # type: ignore[no-any-return]
