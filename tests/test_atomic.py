@@ -20,15 +20,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, fill_disk, randomize_lora, tmpfs
 
 import lora_fx
 from lora_fx.adapter.peft import read_adapter, write_adapter
 from lora_fx.errors import LoraFxError
 from lora_fx.fileio import atomic_dir, atomic_path, exchange, io_error, sweep_stale
 from lora_fx.load.model import load_model
-
-TINY = ROOT / "examples" / "tiny" / "model.py"
+from tests.helpers import TINY, fill_disk, randomize_lora, tmpfs
 
 SLOW_WRITES = '''
 import os, sys, time

@@ -18,14 +18,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ROOT
 
 import lora_fx
 from lora_fx.adapter.peft import read_adapter
 from lora_fx.errors import LoraFxError
 from lora_fx.load.model import load_model
-
-TINY = ROOT / "examples" / "tiny" / "model.py"
+from tests.helpers import ROOT, TINY
 
 
 class Payload:

@@ -23,6 +23,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+import onnx_ir as ir
 import torch
 from torch import nn
 
@@ -269,8 +270,6 @@ def name_io(model: Any, layout: DecoderLayout) -> None:
     """Give an exported ``onnx_ir.Model`` GenAI's input and output names and named axes
     (batch_size, sequence_length, past_sequence_length, total_sequence_length). Its first
     inputs and outputs are the KV decoder's, in order; later inputs (LoRA factors) are kept."""
-    import onnx_ir as ir  # deferred with onnx: imported by the export only
-
     graph = model.graph
     names, outs = layout.input_names(), layout.output_names()
     if len(graph.inputs) < len(names) or len(graph.outputs) != len(outs):

@@ -1,0 +1,1 @@
+"""Tests of lora_fx/adapter/: PEFT's format, surgery, rank analysis."""

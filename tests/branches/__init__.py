@@ -1,0 +1,1 @@
+"""Tests of lora_fx/branches/: conv, embedding and fused-slice LoRA branches."""

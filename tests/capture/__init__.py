@@ -1,0 +1,1 @@
+"""Tests of lora_fx/capture/: attention dropout, the kept torch.export program."""

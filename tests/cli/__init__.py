@@ -1,0 +1,1 @@
+"""Tests of lora_fx/cli/: the ``lorafx`` command."""

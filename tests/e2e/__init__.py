@@ -1,0 +1,1 @@
+"""End to end: model families, property tests, the CLI error matrix, quickstart, benchmarks."""

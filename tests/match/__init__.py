@@ -1,0 +1,1 @@
+"""Tests of lora_fx/match/: every matcher form, MultiheadAttention sites, targeting."""

@@ -1,0 +1,1 @@
+"""Tests of lora_fx/model/: inject/merge semantics, planning, merge precision."""

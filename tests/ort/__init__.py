@@ -1,0 +1,1 @@
+"""Tests of lora_fx/ort/: adapter files, optimized sessions, serving."""

@@ -1,0 +1,1 @@
+"""Tests of lora_fx/passes/: the runner, untying, GELU fusion, wide linears."""

@@ -1,0 +1,1 @@
+"""Tests of lora_fx/plugins/: the ``hf:DIR`` plugin."""

@@ -1,0 +1,1 @@
+"""Tests of lora_fx/variants/: DoRA, PiSSA / OLoRA, rsLoRA, LoRA+."""
