@@ -22,15 +22,16 @@ from ..passes.variant_hooks import variant_hooks_pass
 from ..variants.init import init_from_weights
 from .plan import plan, saved_modules
 from .portable import reinject
+from .wrapper import LoraModel, as_model
 
 
 def inject(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig,
-           dynamic_shapes: Any = None) -> fx.GraphModule:
+           dynamic_shapes: Any = None) -> LoraModel:
     """Capture ``model`` and add a LoRA branch at every site ``config`` targets.
 
     The returned GraphModule computes what ``model`` did plus Δ(x) = s·B(A(x)) at each site; its
     base parameters are frozen (shared with ``model``, never modified), only A, B and the
-    ``modules_to_save`` copies train.
+    ``modules_to_save`` copies train. It is called like ``model`` (``model.wrapper``).
     """
     gm, chosen, _ = plan(model, example_inputs, config, dynamic_shapes)
     state = LoraState(config)
@@ -46,7 +47,7 @@ def inject(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig
             p.requires_grad_(True)
     state.saved = _copy_saved_modules(gm, config)
     gm.train(model.training)
-    return gm
+    return as_model(gm, model, example_inputs)
 
 
 def _copy_saved_modules(gm: fx.GraphModule, config: LoraConfig) -> list[str]:

@@ -16,12 +16,12 @@ from ..capture.trace import CAPTURE_KEY
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.copy import copy_graph
-from ..graph.portable import graph_module
 from ..match.matcher import weight_readers
 from ..passes.merge import merge_pass, site_uses
 from ..passes.runner import run_pass
 from ..passes.state import LoraState, get_state
 from .params import branches
+from .wrapper import like
 
 
 def merge(gm: nn.Module, inplace: bool = False) -> fx.GraphModule:
@@ -42,7 +42,7 @@ def merge(gm: nn.Module, inplace: bool = False) -> fx.GraphModule:
         raise LoraFxError("merge expects the GraphModule returned by lora_fx.inject")
     state = get_state(gm)
     graph = copy_graph(gm.graph)
-    new = graph_module(gm, graph)
+    new = like(gm, graph)  # a LoraModel stays one: called like the model
     new.meta[CAPTURE_KEY] = gm.meta.get(CAPTURE_KEY, "export")
     carry(gm, new)  # follows .to(dtype) by capturing the base again
     if PROGRAM_KEY in gm.meta:  # export_onnx(new) then reuses the capture's graph

@@ -1,0 +1,136 @@
+"""How a call maps onto a captured graph: the model's ``forward`` signature, a capture's inputs.
+
+A torch.export capture computes ``model.forward`` for arguments of the kinds it was captured
+with: each named argument a tensor (of one dtype and rank, its size fixed on the axes export
+specialized), ``None`` or a constant. A call *fits* a capture when, after binding it to the
+signature with defaults applied, every argument is of the capture's kind: a tensor where the
+capture had one (same dtype and rank, the same size on each fixed axis), otherwise an equal
+value. ``**kwargs`` extras count as arguments too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from ..errors import LoraFxError
+
+_NAMED = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_CONSTANTS = (bool, int, float, str, type(None))
+
+
+@dataclass(frozen=True)
+class Call:
+    """A call bound to ``forward``'s signature: positional values, then ``**kwargs`` extras."""
+
+    names: tuple[str, ...]          # every positional parameter, in order
+    values: tuple[Any, ...]         # their values (defaults applied)
+    extras: Mapping[str, Any]       # keyword-only and ``**kwargs`` arguments, None dropped
+
+    def arguments(self) -> dict[str, Any]:
+        return {**dict(zip(self.names, self.values, strict=True)), **self.extras}
+
+    def leading(self, defaults: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The positional values up to the last one that differs from its default."""
+        last = max((i for i, (n, v) in enumerate(zip(self.names, self.values, strict=True))
+                    if not _same(v, defaults.get(n, inspect.Parameter.empty))), default=-1)
+        return self.values[: last + 1]
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """A tensor argument of a capture: its dtype and each axis' fixed size (None: dynamic)."""
+
+    dtype: torch.dtype
+    sizes: tuple[int | None, ...]
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.dtype == self.dtype and \
+            value.dim() == len(self.sizes) and \
+            all(s is None or s == n for s, n in zip(self.sizes, value.shape, strict=True))
+
+
+Pattern = dict[str, Any]  # argument name -> TensorSlot, or the constant the capture took
+
+
+def defaults(signature: inspect.Signature) -> dict[str, Any]:
+    return {n: p.default for n, p in signature.parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def bind(signature: inspect.Signature, args: tuple[Any, ...], kwargs: Mapping[str, Any],
+         where: str = "the model") -> Call:
+    """``args``/``kwargs`` bound to ``signature`` (defaults applied); a LoraFxError if they
+    do not fit it (the message names the model's parameters)."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:
+        names = [n for n, p in signature.parameters.items() if p.kind in _NAMED]
+        raise LoraFxError(f"{where}: {err}; it takes {', '.join(names[:6])}"
+                          f"{' ...' if len(names) > 6 else ''}") from err
+    bound.apply_defaults()
+    names, values, extras = [], [], {}
+    for name, param in signature.parameters.items():
+        value = bound.arguments.get(name)
+        if param.kind in _NAMED:
+            names.append(name)
+            values.append(value)
+        elif param.kind == inspect.Parameter.KEYWORD_ONLY and value is not None:
+            extras[name] = value
+        elif param.kind == inspect.Parameter.VAR_KEYWORD:
+            extras.update({k: v for k, v in (value or {}).items() if v is not None})
+        elif param.kind == inspect.Parameter.VAR_POSITIONAL and value:
+            raise LoraFxError(f"{where}: forward takes *{name}, which lorafx cannot map onto "
+                              "a captured graph: pass the inputs as named arguments")
+    return Call(tuple(names), tuple(values), extras)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    return isinstance(a, _CONSTANTS) and type(a) is type(b) and a == b
+
+
+def pattern(call: Call, graph: fx.Graph | None) -> Pattern:
+    """What ``graph`` (captured from ``call``'s arguments) takes: a TensorSlot per tensor
+    argument, whose fixed axes are those of its placeholder (every axis when unknown), and
+    the value of every other argument."""
+    found = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"] if graph else []
+    vals = [v for v in found if isinstance(v, torch.Tensor)]
+    args = call.arguments()
+    tensors = [t for t in pytree.tree_leaves(list(args.values())) if isinstance(t, torch.Tensor)]
+    known = len(vals) == len(tensors)
+    out: Pattern = {}
+    index = 0
+    for name, value in args.items():
+        if isinstance(value, torch.Tensor):
+            val = vals[index] if known else None
+            index += 1
+            sizes = tuple(d if isinstance(d, int) else None for d in val.shape) \
+                if val is not None else tuple(value.shape)
+            out[name] = TensorSlot(value.dtype, sizes)
+        else:
+            index += sum(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(value))
+            out[name] = value
+    return out
+
+
+def fits(want: Pattern, call: Call) -> bool:
+    """Whether ``call`` has the kinds of arguments that the capture ``want`` takes."""
+    args = call.arguments()
+    if set(args) != set(want):
+        return False
+    for name, value in args.items():
+        slot = want[name]
+        if isinstance(slot, TensorSlot):
+            if not slot.accepts(value):
+                return False
+        elif isinstance(value, torch.Tensor) or not _same(value, slot):
+            return False
+    return True

@@ -1,0 +1,369 @@
+"""The injected (or merged) model, called like the model it came from.
+
+``inject`` returns a ``LoraModel``: an ``fx.GraphModule`` (every API that takes the graph
+keeps working) whose ``forward`` has the original model's signature. A call is bound to that
+signature (``model.binding``) and runs the captured graph when it fits it; a call with other
+kinds of arguments (``labels=``, ``token_type_ids=``, a fixed axis of another size, ...) runs a
+graph captured again from the original model for those arguments, once, with the same LoRA
+branches and weights (the same tensors: training either trains both). Outputs are the
+model's own (a ``ModelOutput`` with ``.loss`` when the model computes one).
+
+``generate()`` runs the original model's ``generate`` with its forward routed through this
+model, without a cache (every step recomputes the prefix through the graph). ``config``,
+``generation_config``, ``main_input_name`` and ``device`` are the original model's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import functools
+import inspect
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..capture.trace import CAPTURE_KEY, capture
+from ..errors import LoraFxError
+from ..graph.attrs import resolve_attr
+from ..graph.portable import PortableGraphModule, graph_module
+from ..passes.inject import inject_pass
+from ..passes.runner import run_pass
+from ..passes.state import BRANCH_ROOT, STATE_KEY, LoraState, get_state
+from ..passes.variant_hooks import variant_hooks_pass
+from .binding import Call, Pattern, bind, defaults, fits, pattern
+from .plan import plan
+from .tied import realias, unalias
+
+CALL_KEY = "lorafx_call"  # gm.meta[CALL_KEY]: Origin
+
+
+@dataclasses.dataclass
+class Origin:
+    """Where a LoraModel came from: the model captured, its signature, the capture's pattern."""
+
+    model: nn.Module
+    signature: inspect.Signature
+    pattern: Pattern
+    arity: int          # positional arguments the captured graph takes
+
+
+@dataclasses.dataclass
+class Variant:
+    """A graph captured again for calls of another pattern."""
+
+    pattern: Pattern
+    module: fx.GraphModule
+    arity: int
+
+
+def _signature(owner: Any) -> inspect.Signature:
+    """The original model's forward signature (the graph's when there is no origin)."""
+    origin = owner.meta.get(CALL_KEY) if hasattr(owner, "meta") else None
+    if isinstance(origin, Origin):
+        return origin.signature
+    return inspect.signature(owner.graph_forward)
+
+
+class _BoundForward:
+    """``LoraModel.forward``: the original model's signature, dispatching to a graph."""
+
+    __slots__ = ("__self__",)
+
+    def __init__(self, owner: LoraModel) -> None:
+        self.__self__ = owner
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return _signature(self.__self__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__self__.dispatch(args, kwargs)
+
+
+class _Forward:
+    """The descriptor installed as ``forward`` on a LoraModel's own class (one per instance,
+    as fx makes them): bound, a ``_BoundForward``; on the class, a function whose signature is
+    ``(self, <the model's parameters>)`` (what ``transformers`` inspects for label names)."""
+
+    def __init__(self, owner: LoraModel) -> None:
+        self.owner = weakref.ref(owner)
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        if obj is not None:
+            return _BoundForward(obj)
+        owner = self.owner()
+
+        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self.dispatch(args, kwargs)
+
+        if owner is not None:
+            sig = _signature(owner)
+            first = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            forward.__signature__ = sig.replace(  # type: ignore[attr-defined]
+                parameters=[first, *sig.parameters.values()])
+        return forward
+
+
+class LoraModel(PortableGraphModule):
+    """A GraphModule called like the model it was captured from (see the module docstring).
+
+    ``graph_forward`` is the graph's own code (positional, as captured); ``forward`` binds
+    keyword arguments as the original ``forward`` takes them.
+    """
+
+    # transformers.Trainer: no ``num_items_in_batch`` (a tensor through **kwargs, which a graph
+    # cannot take); Trainer then scales the loss for gradient accumulation itself
+    accepts_loss_kwargs = False
+    graph_forward: Callable[..., Any]  # the graph's generated code, set by recompile
+
+    def recompile(self) -> Any:
+        code = super().recompile()
+        cls = type(self)
+        if not isinstance(cls.__dict__.get("forward"), (_Forward, type(None))):
+            cls.graph_forward = cls.__dict__["forward"]  # type: ignore[attr-defined]
+            cls.forward = _Forward(self)  # type: ignore[assignment,method-assign]
+        return code
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's state dict with each tied tensor once (``model.tied``)."""
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        return unalias(super().state_dict(*args, **kwargs), prefix)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False
+                        ) -> Any:
+        return super().load_state_dict(realias(self, state_dict), strict=strict, assign=assign)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self.__dict__.pop("_lorafx_variants", None)  # captured for other devices or dtypes
+        return super()._apply(fn, recurse)  # baked devices and dtypes follow (graph.portable)
+
+    # --- calling ---------------------------------------------------------------------------
+
+    def dispatch(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the graph that fits ``args``/``kwargs`` (capturing one the first time)."""
+        origin = self.meta.get(CALL_KEY)
+        if not isinstance(origin, Origin) or self.meta.get(CAPTURE_KEY) != "export" or \
+                torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self.graph_forward(*args, **kwargs)
+        call = bind(origin.signature, args, kwargs, type(origin.model).__name__)
+        if fits(origin.pattern, call):
+            return self.graph_forward(*call.values[: origin.arity])
+        variants: list[Variant] = self.__dict__.setdefault("_lorafx_variants", [])
+        variant = next((v for v in variants if fits(v.pattern, call)), None)
+        if variant is None:
+            variant = recapture(self, origin, call)
+            variants.append(variant)
+        variant.module.train(self.training)
+        return variant.module(*call.values[: variant.arity])
+
+    # --- what PEFT users reach for on the model --------------------------------------------
+
+    def origin_model(self, what: str = "this") -> nn.Module:
+        origin = self.meta.get(CALL_KEY)
+        if not isinstance(origin, Origin):
+            raise LoraFxError(f"{what} needs the model this graph was captured from; inject "
+                              "into the model with lora_fx.inject")
+        return origin.model
+
+    @property
+    def config(self) -> Any:
+        return _origin_attr(self, "config")
+
+    @property
+    def generation_config(self) -> Any:
+        return _origin_attr(self, "generation_config")
+
+    @property
+    def main_input_name(self) -> Any:
+        return _origin_attr(self, "main_input_name")
+
+    @property
+    def device(self) -> torch.device:
+        first = next(iter(self.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def can_generate(self) -> bool:
+        model = self.meta.get(CALL_KEY)
+        return isinstance(model, Origin) and callable(getattr(model.model, "generate", None))
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The original model's ``generate`` with every forward run through this model.
+
+        Without a KV cache (``use_cache=False``): each step runs the whole sequence.
+        """
+        model = self.origin_model("generate()")
+        generate = getattr(model, "generate", None)
+        if not callable(generate):
+            raise LoraFxError(f"{type(model).__name__} has no generate(): only causal and "
+                              "seq2seq language models generate")
+        kwargs["use_cache"] = False
+        with routed(model, self):
+            return generate(*args, **kwargs)
+
+    def save_pretrained(self, directory: str | Path, **_: Any) -> Path:
+        """Write the adapter in PEFT's layout (``PeftModel.save_pretrained``'s habit)."""
+        from .adapters import save_adapter  # deferred: adapters imports inject, which imports this
+
+        return save_adapter(self, directory, force=True)
+
+
+def _origin_attr(model: LoraModel, name: str) -> Any:
+    origin = model.meta.get(CALL_KEY)
+    if not isinstance(origin, Origin) or not hasattr(origin.model, name):
+        raise AttributeError(f"{type(model).__name__} has no attribute {name!r}")
+    return getattr(origin.model, name)
+
+
+@contextlib.contextmanager
+def routed(model: nn.Module, through: nn.Module) -> Iterator[None]:
+    """``model.forward`` runs ``through`` inside the block (its signature unchanged)."""
+    had = "forward" in model.__dict__
+    old = model.__dict__.get("forward")
+    cached = bool(getattr(getattr(model, "config", None), "use_cache", False))
+
+    @functools.wraps(model.forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("use_cache") is False and not cached:
+            kwargs.pop("use_cache")  # the graph was captured without a cache already
+        if kwargs.get("return_dict") is True:
+            kwargs.pop("return_dict")  # it returns the model's output object already
+        return through(*args, **kwargs)
+
+    forward.lorafx_original = model.forward  # type: ignore[attr-defined]
+    model.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = old  # type: ignore[method-assign,assignment]
+        else:
+            del model.forward
+
+
+# --- wrapping and capturing again -------------------------------------------------------------
+
+def as_model(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple[Any, ...]
+             ) -> LoraModel:
+    """``gm`` (captured from ``model`` on ``example_inputs``) as a LoraModel sharing all of
+    its submodules, parameters and meta."""
+    new = LoraModel(gm, gm.graph)
+    new.meta = dict(gm.meta)
+    signature = inspect.signature(model.forward)
+    call = bind(signature, tuple(example_inputs), {}, type(model).__name__)
+    new.meta[CALL_KEY] = Origin(model, signature, pattern(call, gm.graph),
+                                len(tuple(example_inputs)))
+    new.train(gm.training)
+    return new
+
+
+def like(gm: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule over ``gm``'s attributes and ``graph``, a LoraModel if ``gm`` is one
+    (carrying its origin)."""
+    if not isinstance(gm, LoraModel):
+        return graph_module(gm, graph)
+    new = LoraModel(gm, graph)
+    new.meta[CALL_KEY] = gm.meta.get(CALL_KEY)
+    return new
+
+
+def recapture(model: LoraModel, origin: Origin, call: Call) -> Variant:
+    """Capture ``origin.model`` again for ``call``'s arguments, with ``model``'s branches and
+    weights (the same tensors)."""
+    source = origin.model
+    where = type(source).__name__
+    if isinstance(source, fx.GraphModule):
+        raise LoraFxError(f"{where}: this call does not fit the graph captured (it takes "
+                          f"{_takes(origin.pattern)}), and a captured graph cannot be captured "
+                          "again: inject into the original model")
+    tensors = sorted(k for k, v in call.extras.items() if isinstance(v, torch.Tensor))
+    if tensors:
+        named = [n for n in call.names if n not in ("self",)]
+        close = difflib.get_close_matches(tensors[0], named, 3, 0.3) or named[:3]
+        raise LoraFxError(f"{where}: keyword argument {tensors[0]!r} is a tensor that forward "
+                          f"takes only through **kwargs, which a captured graph cannot take: "
+                          f"did you mean {' or '.join(close)}?")
+    args = call.leading(defaults(origin.signature))
+    twin = _with_extras(source, dict(call.extras))
+    state = get_state(model)
+    local = _capture_local(model, source)
+    if state is None and local:
+        raise LoraFxError(f"{where}: the merged model holds weights of its own ({local[0]}, an "
+                          "untied copy), so it runs only calls like its capture's "
+                          f"({_takes(origin.pattern)}): call it that way, or merge again")
+    gm = capture(twin, args) if state is None else _reinject(twin, args, state, where)
+    alt = _reroot(gm, model, source)
+    return Variant(pattern(call, gm.graph), alt, len(args))
+
+
+def _takes(want: Pattern) -> str:
+    names = [k for k, v in want.items() if v is not None and not isinstance(v, (bool, int))]
+    return ", ".join(names) or "no arguments"
+
+
+def _with_extras(model: nn.Module, extras: dict[str, Any]) -> nn.Module:
+    """``model`` (its submodules and tensors shared) whose forward takes ``extras`` fixed, and
+    is the model's own while ``routed`` sends it through the graph (``generate``)."""
+    forward = model.forward
+    original = getattr(forward, "lorafx_original", None)
+    if not extras and original is None:
+        return model
+    twin = nn.Module.__new__(type(model))
+    twin.__dict__ = dict(model.__dict__)
+    twin.forward = functools.partial(original or forward, **extras)  # type: ignore[method-assign]
+    return twin
+
+
+def _reinject(model: nn.Module, args: tuple[Any, ...], state: LoraState, where: str
+              ) -> fx.GraphModule:
+    """Capture ``model`` and add branches at ``state``'s sites (their weights set later)."""
+    config = dataclasses.replace(state.config, init_lora_weights=False)
+    gm, chosen, _ = plan(model, args, config)
+    new = LoraState(state.config)
+    gm.meta[STATE_KEY] = new
+    run_pass("inject", inject_pass, gm, chosen, config, new)
+    if set(new.sites) != set(state.sites):
+        odd = sorted(set(new.sites) ^ set(state.sites))[0]
+        raise LoraFxError(f"{where}: capturing the model for this call found other sites "
+                          f"(site {odd!r}): call it with the arguments it was injected with")
+    run_pass("variant_hooks", variant_hooks_pass, gm)  # DoRA: wire W and b into each branch
+    new.saved = list(state.saved)
+    return gm
+
+
+def _has(module: nn.Module, target: str) -> bool:
+    try:
+        resolve_attr(module, target)  # type: ignore[arg-type]
+    except AttributeError:
+        return False
+    return True
+
+
+def _capture_local(model: fx.GraphModule, source: nn.Module) -> list[str]:
+    """Tensors ``model`` reads that the source model does not hold by that name, constants
+    and capture's own modules aside (untied weight copies of a merge)."""
+    return [str(n.target) for n in model.graph.nodes
+            if n.op == "get_attr" and not str(n.target).startswith("_")
+            and not _has(source, str(n.target))]
+
+
+def _reroot(gm: fx.GraphModule, model: nn.Module, source: nn.Module) -> fx.GraphModule:
+    """``gm``'s graph over ``model``'s tensors and branches wherever the source model has the
+    same path (site weights, PiSSA residuals, modules_to_save copies, merged weights), the
+    capture's own constants and modules elsewhere."""
+    root: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        target = str(node.target)
+        mine = target.startswith(BRANCH_ROOT + ".") or _has(source, target)
+        root[target] = resolve_attr(model if mine and _has(model, target) else gm,  # type: ignore
+                                    target)
+    new = fx.GraphModule(root, gm.graph)
+    new.meta[CAPTURE_KEY] = gm.meta.get(CAPTURE_KEY)
+    return new

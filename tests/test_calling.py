@@ -1,0 +1,172 @@
+"""The injected and merged models are called like the model (issue 19, group 1), against PEFT.
+
+``model(**batch)`` with labels gives PEFT's loss, ``transformers.Trainer`` trains the injected
+model with plain ``TrainingArguments``, ``generate()`` gives PEFT's greedy tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import peft_model_like, randomize_lora
+from torch import nn
+
+import lora_fx
+from lora_fx.errors import LoraFxError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+
+def _llama() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=97, max_position_embeddings=64, use_cache=False,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        initializer_range=0.3)  # clear margins between the top tokens
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64,
+                                  use_cache=False, bos_token_id=0, eos_token_id=0,
+                                  initializer_range=0.3)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+FAMILIES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "llama": (_llama, dict(target_modules=["q_proj", "v_proj", "down_proj"])),
+    "gpt2": (_gpt2, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+}
+
+
+def _ids(batch: int = 2, seq: int = 8, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, 97, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _inject(family: str) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(base model, injected model with random A and B, PEFT's model with the same A and B),
+    injected from positional example inputs as a model file gives them."""
+    build, targets = FAMILIES[family]
+    base = build()
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    example = (ids, mask) if family == "llama" else (ids, None, mask)
+    cfg = dict(r=4, lora_alpha=8, **targets)
+    gm = lora_fx.inject(base, example, lora_fx.LoraConfig(**cfg))
+    randomize_lora(gm, seed=2, scale=0.5)
+    return base, gm, peft_model_like(base, gm, **cfg)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_keyword_call_with_labels_gives_peft_loss(family: str) -> None:
+    base, gm, pm = _inject(family)
+    ids = _ids(3, 11, seed=5)  # another batch and length than the example's
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    out, ref = gm(**batch), pm(**batch)
+    assert type(out) is type(ref)  # the model's output type: .loss, .logits
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out.logits, base(input_ids=ids).logits, atol=1e-3)  # LoRA acts
+    out.loss.backward()  # the loss trains the adapter: A and B get gradients, W does not
+    assert all(p.grad is not None for p in lora_fx.lora_parameters(gm))
+    assert all(p.grad is None for n, p in gm.named_parameters() if "lora" not in n)
+    # positional calls and calls without labels still run the captured graph
+    no_labels = gm(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert no_labels.loss is None
+    torch.testing.assert_close(no_labels.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    assert gm.config is base.config and "labels" in inspect.signature(gm.forward).parameters
+
+
+def test_keyword_the_capture_did_not_see_is_used_not_dropped() -> None:
+    """BERT injected without token_type_ids: a call with them computes with them (PEFT's)."""
+    torch.manual_seed(0)
+    base = transformers.BertModel(transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+        vocab_size=97, max_position_embeddings=32, initializer_range=0.3)).eval()
+    ids = _ids()
+    cfg = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
+    gm = lora_fx.inject(base, (ids, torch.ones_like(ids)), lora_fx.LoraConfig(**cfg))
+    randomize_lora(gm, seed=3, scale=0.5)
+    pm = peft_model_like(base, gm, **cfg)
+    types = (torch.arange(8) >= 4).long().expand(2, 8)
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": types}
+    out, ref = gm(**kw), pm(**kw)
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=1e-5)
+    without = gm(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert not torch.allclose(without, out.last_hidden_state, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generate_gives_peft_tokens(family: str) -> None:
+    base, gm, pm = _inject(family)
+    prompt = _ids(2, 5, seed=7)
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+              pad_token_id=0)
+    ours = gm.generate(prompt, **kw)
+    theirs = pm.generate(input_ids=prompt, **kw)
+    assert ours.shape == (2, 11)
+    assert torch.equal(ours, theirs), (ours, theirs)
+    assert not torch.equal(ours, base.generate(prompt, **kw))  # LoRA changed the tokens
+    assert "forward" not in base.__dict__  # generate's routing is undone
+    merged = lora_fx.merge(gm)
+    assert torch.equal(merged.generate(prompt, **kw), theirs)
+
+
+def test_merged_model_is_called_like_the_model() -> None:
+    base, gm, pm = _inject("llama")
+    merged = lora_fx.merge(gm)
+    assert isinstance(merged, torch.fx.GraphModule) and merged.config is base.config
+    ids = _ids(3, 9, seed=4)
+    out = merged(input_ids=ids, labels=ids)
+    ref = pm(input_ids=ids, labels=ids)
+    # W' = W + s·B@A rounds once in fp32: logits of size ~10 agree to ~1e-5 relative
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-5)
+
+
+def test_a_call_that_does_not_bind_is_one_line() -> None:
+    _, gm, _ = _inject("llama")
+    with pytest.raises(LoraFxError, match="LlamaForCausalLM: keyword argument 'input' is a "
+                                          "tensor.*did you mean input_ids"):
+        gm(input=_ids())
+    with pytest.raises(LoraFxError, match="LlamaForCausalLM: multiple values for "
+                                          "argument 'input_ids'; it takes input_ids"):
+        gm(_ids(), input_ids=_ids())
+
+
+def test_trainer_trains_the_injected_model_with_plain_arguments(tmp_path: Path) -> None:
+    """transformers.Trainer, plain TrainingArguments, model(**batch) computing the loss."""
+    pytest.importorskip("accelerate")
+    base, gm, _ = _inject("gpt2")
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": i, "attention_mask": torch.ones(8, dtype=torch.long), "labels": i}
+            for i in torch.randint(1, 97, (16, 8), generator=g)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6,
+                                          per_device_train_batch_size=4, learning_rate=1e-2,
+                                          report_to="none", use_cpu=True, logging_steps=1)
+    before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    reference = copy.deepcopy(base)
+    trainer = transformers.Trainer(model=gm, args=args, train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    for name, p in gm.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        assert changed == (".lora_A." in name or ".lora_B." in name), name
+    # the trained adapter is what PEFT loads
+    gm.save_pretrained(tmp_path / "adapter")
+    from peft import PeftModel
+    pm = PeftModel.from_pretrained(reference, str(tmp_path / "adapter")).eval()
+    ids = _ids(2, 8, seed=9)
+    torch.testing.assert_close(gm.eval()(input_ids=ids).logits, pm(input_ids=ids).logits,
+                               atol=1e-5, rtol=1e-5)
