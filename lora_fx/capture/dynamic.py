@@ -1,4 +1,10 @@
-"""Dynamic shapes for torch.export: Dim.AUTO on every axis the caller did not pin.
+"""Dynamic shapes for torch.export: Dim.AUTO on every axis the caller did not pin, and example
+inputs that do not pin the batch.
+
+torch.export specializes an axis whose example size is 1 (the 0/1 specialization): a batch-1
+example gives a graph, and an ONNX file, of batch 1 only. ``widened`` makes such an example
+batch 2 by repeating it (rows of a batch are independent), for tracing only; outputs are
+checked on the caller's own inputs.
 """
 
 from __future__ import annotations
@@ -14,3 +20,12 @@ def auto_dynamic(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple({i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
                  for t in example_inputs)
 
+
+def widened(example_inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """``example_inputs`` with batch 2 (each tensor repeated along axis 0) when every tensor
+    input has batch 1; None when there is nothing to widen."""
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    if not tensors or any(t.dim() == 0 or t.shape[0] != 1 for t in tensors):
+        return None
+    return tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) else t
+                 for t in example_inputs)

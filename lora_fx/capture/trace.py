@@ -28,7 +28,7 @@ from ..passes.runner import run_pass
 from .attention_dropout import attention_dropout_pass
 from .cache import no_cache
 from .dropout import dropout_pass
-from .dynamic import auto_dynamic
+from .dynamic import auto_dynamic, widened
 from .program import PROGRAM_KEY
 from .recapture import remember
 
@@ -104,16 +104,8 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: A
             trace_error: BaseException | None) -> fx.GraphModule:
     was_training = model.training
     model.eval()
-    try:  # torch prints a partial graph to stderr on failure: the error below says it in a line
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
-                _no_mha_fastpath(), no_cache(model):
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(
-                model, tuple(example_inputs), strict=False,
-                dynamic_shapes=dynamic_shapes if dynamic_shapes is not None
-                else auto_dynamic(tuple(example_inputs)))
-    except Exception as err:
-        raise LoraFxError(_export_error(model, err, trace_error)) from err
+    try:
+        ep = _exported(model, tuple(example_inputs), dynamic_shapes, trace_error)
     finally:
         model.train(was_training)
     exported = ep.module()
@@ -131,6 +123,33 @@ def capture_export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_sh
                    ) -> fx.GraphModule:
     """``capture(..., method="export")``: how a dtype change captures again (recapture)."""
     return capture(model, example_inputs, dynamic_shapes, method="export")
+
+
+def _exported(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: Any,
+              trace_error: BaseException | None) -> Any:
+    """torch.export's program; a batch-1 example without ``dynamic_shapes`` is traced at
+    batch 2 (``widened``) so that the batch stays dynamic, as given where that fails."""
+    wide = widened(example_inputs) if dynamic_shapes is None else None
+    if wide is not None:
+        try:
+            return _torch_export(model, wide, auto_dynamic(wide))
+        except Exception:  # noqa: BLE001 - the model may need batch 1: trace it as given
+            pass
+    try:
+        return _torch_export(model, example_inputs, dynamic_shapes if dynamic_shapes is not None
+                             else auto_dynamic(example_inputs))
+    except Exception as err:
+        raise LoraFxError(_export_error(model, err, trace_error)) from err
+
+
+def _torch_export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: Any
+                  ) -> Any:
+    # torch prints a partial graph to stderr on failure: the error says it in a line
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+            _no_mha_fastpath(), no_cache(model):
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, example_inputs, strict=False,
+                                   dynamic_shapes=dynamic_shapes)
 
 
 _HINTS = (  # (words in the error's type or message, what to do)

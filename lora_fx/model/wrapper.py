@@ -20,7 +20,6 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -62,52 +61,24 @@ class Variant:
     arity: int
 
 
-def _signature(owner: Any) -> inspect.Signature:
-    """The original model's forward signature (the graph's when there is no origin)."""
-    origin = owner.meta.get(CALL_KEY) if hasattr(owner, "meta") else None
+def _dispatching_forward() -> Callable[..., Any]:
+    """A fresh ``forward`` for one LoraModel's class (fx gives each instance its own)."""
+
+    def forward(self: LoraModel, *args: Any, **kwargs: Any) -> Any:
+        return self.dispatch(args, kwargs)
+
+    forward.lorafx_dispatch = True  # type: ignore[attr-defined]
+    return forward
+
+
+def sign(model: fx.GraphModule) -> None:
+    """Give ``model.forward`` the original model's signature (what ``inspect`` and
+    ``transformers`` read: label names, the dataset columns to keep)."""
+    origin = model.__dict__.get("meta", {}).get(CALL_KEY)  # no meta while fx builds it
     if isinstance(origin, Origin):
-        return origin.signature
-    return inspect.signature(owner.graph_forward)
-
-
-class _BoundForward:
-    """``LoraModel.forward``: the original model's signature, dispatching to a graph."""
-
-    __slots__ = ("__self__",)
-
-    def __init__(self, owner: LoraModel) -> None:
-        self.__self__ = owner
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return _signature(self.__self__)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__self__.dispatch(args, kwargs)
-
-
-class _Forward:
-    """The descriptor installed as ``forward`` on a LoraModel's own class (one per instance,
-    as fx makes them): bound, a ``_BoundForward``; on the class, a function whose signature is
-    ``(self, <the model's parameters>)`` (what ``transformers`` inspects for label names)."""
-
-    def __init__(self, owner: LoraModel) -> None:
-        self.owner = weakref.ref(owner)
-
-    def __get__(self, obj: Any, cls: Any = None) -> Any:
-        if obj is not None:
-            return _BoundForward(obj)
-        owner = self.owner()
-
-        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return self.dispatch(args, kwargs)
-
-        if owner is not None:
-            sig = _signature(owner)
-            first = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-            forward.__signature__ = sig.replace(  # type: ignore[attr-defined]
-                parameters=[first, *sig.parameters.values()])
-        return forward
+        first = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        type(model).forward.__signature__ = origin.signature.replace(  # type: ignore
+            parameters=[first, *origin.signature.parameters.values()])
 
 
 class LoraModel(PortableGraphModule):
@@ -125,10 +96,17 @@ class LoraModel(PortableGraphModule):
     def recompile(self) -> Any:
         code = super().recompile()
         cls = type(self)
-        if not isinstance(cls.__dict__.get("forward"), (_Forward, type(None))):
-            cls.graph_forward = cls.__dict__["forward"]  # type: ignore[attr-defined]
-            cls.forward = _Forward(self)  # type: ignore[assignment,method-assign]
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not getattr(forward, "lorafx_dispatch", False):
+            cls.graph_forward = forward  # type: ignore[attr-defined]
+            cls.forward = _dispatching_forward()  # type: ignore[method-assign]
+            sign(self)
         return code
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        new = super().__deepcopy__(memo)
+        sign(new)
+        return new
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         """The module's state dict with each tied tensor once (``model.tied``)."""
@@ -258,6 +236,7 @@ def as_model(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple[Any, ..
     call = bind(signature, tuple(example_inputs), {}, type(model).__name__)
     new.meta[CALL_KEY] = Origin(model, signature, pattern(call, gm.graph),
                                 len(tuple(example_inputs)))
+    sign(new)
     new.train(gm.training)
     return new
 
@@ -269,6 +248,7 @@ def like(gm: nn.Module, graph: fx.Graph) -> fx.GraphModule:
         return graph_module(gm, graph)
     new = LoraModel(gm, graph)
     new.meta[CALL_KEY] = gm.meta.get(CALL_KEY)
+    sign(new)
     return new
 
 

@@ -16,16 +16,17 @@ import torch
 from torch import fx, nn
 
 from .. import memory
-from ..capture.dynamic import auto_dynamic
+from ..capture.dynamic import auto_dynamic, widened
 from ..capture.program import captured_program
 from .names import torch_dtype
-from .prepare import Prepared, prepare
+from .prepare import Prepared, cast_inputs, prepare
 from .report import ExportReport, op_histogram
 from .rules import forget_rewriter_state
 from .save import save_program
+from .shapes import fixed_axes
 from .trace import to_onnx
 from .unmerged import export_unmerged
-from .verify import forward, torch_max_diff, verify_file
+from .verify import forward, second_case, torch_max_diff, verify_file
 
 
 def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path,
@@ -58,6 +59,10 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
     external, layout = save_program(program, Path(path))
     report = ExportReport(Path(path), merge, 0.0, external, dict(op_histogram(program.model)),
                           extras=extras)
+    report.extras["fixed_axes"] = fixed_axes(program.model)
+    more = second_case(program.model, prep.reference, example_inputs,
+                       lambda a: cast_inputs(a, prep.dtype) if prep.dtype else a) \
+        if verify else None
     del program  # its IR may hold tensors of its own (folded constants): free them first
     forget_rewriter_state()
     if prep.dtype is not None:
@@ -70,7 +75,7 @@ def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path
         memory.trim()
     if want is not None:
         verify_file(report, prep.args, want, atol, providers, prep.dtype, lean=release,
-                    layout=layout)
+                    layout=layout, more=[more] if more else [])
     report.seconds = time.perf_counter() - start
     return report
 
@@ -83,19 +88,21 @@ def trace(prep: Prepared, dynamic_shapes: Any, opset: int | None, release: bool
     axis of a GraphModule's inputs)."""
     reuse = None if prep.unmerged or prep.dtype is not None or dynamic_shapes is not None \
         else captured_program(prep.module)
+    args = prep.args
     if dynamic_shapes is None and isinstance(prep.module, fx.GraphModule):
-        dynamic_shapes = auto_dynamic(prep.args)
+        args = widened(args) or args  # a batch-1 example would fix the batch (capture.dynamic)
+        dynamic_shapes = auto_dynamic(args)
     extras: dict[str, Any] = {}
     # frozen: faster; not when memory is what counts (release): garbage made before the export
     # (the merge's) would stay through its peak
     with nullcontext() if release else memory.collector_frozen():
         if prep.unmerged:
-            program, extras["lora_inputs"] = export_unmerged(prep.module, prep.args,
+            program, extras["lora_inputs"] = export_unmerged(prep.module, args,
                                                              dynamic_shapes, opset)
         elif reuse is not None:
             program = to_onnx(reuse, (), opset=opset)
         else:
-            program = to_onnx(prep.module, prep.args, dynamic_shapes, opset)
+            program = to_onnx(prep.module, args, dynamic_shapes, opset)
     return program, extras
 
 

@@ -6,7 +6,7 @@ A cast export (fp16/bf16) allows ``DTYPE_RTOL[dtype] · max(1, max |y_fp32|)``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from ..errors import LoraFxError, LoraFxWarning
 from ..ort import runtime
 from .names import DTYPE_RTOL
 from .report import ExportReport
+from .shapes import second_shape, shape_text, symbolic_axes
 from .stream import Layout, external_view
 from .trace import eval_mode
 
@@ -45,7 +46,7 @@ def torch_max_diff(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.Tensor],
                 atol: float = 1e-4, providers: list[Any] | None = None,
                 dtype: str | None = None, lean: bool = False,
-                layout: Layout | None = None) -> None:
+                layout: Layout | None = None, more: Sequence[Case] = ()) -> None:
     """Run ``report.path`` in ONNX Runtime on ``inputs`` and compare with PyTorch's outputs
     ``want``; raise above the tolerance. No model needs to be alive: for big models, compute
     ``want``, release the model, then verify (one copy of the weights at a time); ``lean``:
@@ -56,13 +57,17 @@ def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.
     CUDA runs with TF32 off (``runtime.verifying_session``); the tolerance (:func:`limit`) and
     its basis go to ``report.extras["verification"]``. Outputs come back through DLPack, so
     bf16 files verify too; one the provider cannot run (no bf16 kernels on the CPU) is
-    reported unverified with a warning.
+    reported unverified with a warning. ``more``: further (inputs, PyTorch outputs) pairs,
+    each checked the same way (a second shape: ``second_case``);
+    ``report.extras["verified_shapes"]`` lists the shapes run.
     """
 
     try:
         with _loadable(report.path, layout) as model_file:
             sess, tf32 = runtime.verifying_session(model_file, providers, lean=lean)
         got = runtime.run_torch(sess, inputs)
+        others = [(runtime.run_torch(sess, case_inputs), case_want)
+                  for case_inputs, case_want in more]
     except LoraFxError as err:
         if dtype not in ("bf16", "fp16") or "NOT_IMPLEMENTED" not in str(err):
             raise
@@ -70,7 +75,9 @@ def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.
                       f"({err}); run it on the CUDA provider", LoraFxWarning, stacklevel=2)
         report.extras["verify_skipped"] = str(err)
         return
-    report.max_abs_diff = runtime.max_abs_diff_torch(got, want)
+    report.max_abs_diff = max([runtime.max_abs_diff_torch(got, want)]
+                              + [runtime.max_abs_diff_torch(g, w) for g, w in others])
+    report.extras["verified_shapes"] = [shape_text(inputs)] + [shape_text(i) for i, _ in more]
     report.provider = runtime.session_provider(sess)
     bound, basis = limit(atol, dtype, tf32, want)
     report.extras["verification"] = {"provider": report.provider,
@@ -84,6 +91,33 @@ def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.
                           f"{report.max_abs_diff:.3g} > {bound:g} ({basis}) on "
                           f"{report.provider}; the file {report.path} was written, do not "
                           "deploy it")
+
+
+Case = tuple[tuple[Any, ...], list[torch.Tensor]]  # (inputs, PyTorch's outputs on them)
+
+
+def second_case(model: Any, reference: nn.Module, example_inputs: tuple[Any, ...],
+                cast: Callable[[tuple[Any, ...]], tuple[Any, ...]] = lambda a: a
+                ) -> Case | None:
+    """Inputs of another batch and length on the axes ``model`` (an ``onnx_ir.Model``) keeps
+    symbolic, with ``reference``'s outputs on them; batch only where PyTorch refuses the length
+    (a position limit), None (with a warning) where it refuses both or nothing is symbolic."""
+    count = sum(isinstance(a, torch.Tensor) for a in example_inputs)
+    axes = symbolic_axes(model, count)
+    if axes is None:
+        return None
+    for length in (True, False):
+        inputs = second_shape(tuple(example_inputs), axes, length)
+        if inputs is None:
+            return None
+        try:
+            return cast(inputs), forward(reference, inputs)
+        except Exception:  # noqa: BLE001 - the model's own limits: try a smaller change
+            continue
+    warnings.warn(f"the exported file was verified at the example's shape only: PyTorch fails "
+                  f"at batch {shape_text(second_shape(tuple(example_inputs), axes, False) or ())}",
+                  LoraFxWarning, stacklevel=2)
+    return None
 
 
 def limit(atol: float, dtype: str | None, tf32: bool, want: list[torch.Tensor]
