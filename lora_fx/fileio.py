@@ -47,6 +47,19 @@ def check_writable_dir(directory: Path) -> None:
                           "read-only file system): choose another output path")
 
 
+def check_output_file(path: str | os.PathLike[str], force: bool = False) -> Path:
+    """Refuse before any work: ``path`` a directory, its directory missing or read-only, or
+    an existing file without ``force`` (the one overwrite policy of every command)."""
+    path = Path(path)
+    if path.is_dir():
+        raise LoraFxError(f"{path} is a directory: pass a file path such as "
+                          f"{path / 'model.onnx'}")
+    check_writable_dir(path.parent.resolve())
+    if path.exists() and not force:
+        raise LoraFxError(f"{path} exists: pass --force (force=True) to overwrite it")
+    return path
+
+
 def io_error(target: Path, err: BaseException) -> LoraFxError | None:
     """The LoraFxError for an I/O failure while writing ``target``; None if ``err`` is not one.
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..config import LoraConfig
-from ..errors import LoraFxError
+from ..errors import LoraFxError, some
 from ..fileio import atomic_path
 from .peft import Adapter, read_adapter
 
@@ -79,7 +79,7 @@ def spectrum(adapter: Adapter, site: str) -> list[float]:
     """Singular values of ΔW = s · B @ A for ``site``, descending (the min(r, out, in) largest)."""
     if site not in adapter.lora:
         raise LoraFxError(f"site {site!r} is not in the adapter: its sites are "
-                          f"{', '.join(sorted(adapter.lora)) or 'none'}")
+                          f"{some(sorted(adapter.lora), site)}")
     _, s, _ = lowrank_svd(*factors(adapter, site))
     return [float(v) for v in s]
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..branches.base import lora_delta
 from ..config import LoraConfig
 from ..errors import LoraFxError
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, check_writable_dir
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # one site's (A, B), PEFT's layouts
 CONFIG_NAME = "adapter_config.json"
@@ -124,6 +124,12 @@ def _lorafx_config(d: Path, peft_config: dict[str, Any]) -> dict[str, Any] | Non
 def read_adapter(directory: str | Path) -> Adapter:
     """Load an adapter dir written by lorafx or PEFT (safetensors only, never pickle)."""
     d = Path(directory)
+    if d.is_file():
+        what = "an ONNX Runtime adapter file (for `lorafx run --adapter`)" \
+            if d.suffix == ".onnx_adapter" else "a file"
+        hint = f"{d.parent}" if d.name in (CONFIG_NAME, WEIGHTS_NAME) else "the directory " \
+            f"that holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        raise LoraFxError(f"adapter {d} is {what}, not an adapter directory: pass {hint}")
     if not d.is_dir():
         raise LoraFxError(f"adapter directory {d} does not exist: pass the directory that holds "
                           f"{CONFIG_NAME}")
@@ -159,13 +165,36 @@ def read_adapter(directory: str | Path) -> Adapter:
     return adapter
 
 
+def is_adapter_config(path: Path) -> bool:
+    """Whether ``path`` is a JSON object naming a PEFT type (an adapter's config)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("peft_type"), str)
+
+
+def check_adapter_output(directory: str | Path, force: bool = False) -> Path:
+    """Refuse before any work to write an adapter into ``directory`` when it is a file, holds
+    an ``adapter_config.json`` that is not an adapter's, or (without ``force``) an adapter."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise LoraFxError(f"{d} is a file, not a directory: choose another output path")
+    check_writable_dir(d.parent.resolve())
+    config = d / CONFIG_NAME
+    if config.exists() and not is_adapter_config(config):
+        raise LoraFxError(f"{config} is not an adapter's config (no peft_type): {d} is not an "
+                          "adapter directory; choose another output directory")
+    if (config.exists() or (d / WEIGHTS_NAME).exists()) and not force:
+        raise LoraFxError(f"{d} already holds an adapter: pass --force (force=True) to "
+                          "overwrite it")
+    return d
+
+
 def write_adapter(adapter: Adapter, directory: str | Path, force: bool = False,
                   extra_config: dict[str, Any] | None = None) -> Path:
     """Write ``adapter`` in PEFT's layout, atomically; refuse to overwrite unless ``force``."""
-    d = Path(directory)
-    if (d / WEIGHTS_NAME).exists() and not force:
-        raise LoraFxError(f"{d} already holds an adapter: pass --force (force=True) to "
-                          "overwrite it")
+    d = check_adapter_output(directory, force)
     config = adapter.config.to_peft_dict()
     config.update(extra_config or {})
     state = to_state(adapter)

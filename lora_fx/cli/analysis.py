@@ -13,7 +13,7 @@ import numpy as np
 
 from ..adapter.analysis import analyze as run_analysis
 from ..adapter.analysis import plot
-from ..adapter.peft import read_adapter, write_adapter
+from ..adapter.peft import check_adapter_output, read_adapter, write_adapter
 from ..adapter.surgery import combine as run_combine
 from ..adapter.surgery import resize as run_resize
 from ..capture.trace import capture
@@ -146,6 +146,7 @@ def resize_command(adapter_dir: str, rank: int, output: str, force: bool, as_jso
     """Truncate every site's dW of ADAPTER_DIR to rank K by SVD (the best rank-K approximation)
     and write it to -o OUT, reporting the energy kept sum_{i<=K} s_i^2 / sum_i s_i^2 per site."""
 
+    check_adapter_output(output, force)  # before any work
     adapter = _read(adapter_dir, "resize")
     new, kept = run_resize(adapter, rank)
     write_adapter(new, output, force=force)
@@ -189,6 +190,7 @@ def combine_command(adapter_dirs: tuple[str, ...], weights_text: str, method: st
     """Combine ADAPTER_DIRS into one adapter with weights w_i: dW = sum_i w_i dW_i (svd: then
     truncated to --rank; cat: exact; linear: PEFT's cheap approximation)."""
 
+    check_adapter_output(output, force)  # before any work
     weights = _weights(weights_text, len(adapter_dirs))
     adapters = [_read(d, "combine") for d in adapter_dirs]
     new = run_combine(adapters, weights, method=method, rank=rank)

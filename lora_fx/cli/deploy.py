@@ -19,7 +19,8 @@ from typing import Any
 import click
 import numpy as np
 
-from ..errors import LoraFxError
+from ..errors import LoraFxError, some
+from ..fileio import check_output_file
 from ..ort import runtime
 from ..ort.adapter_sets import IDS_INPUT, convert_set, named_dirs
 from ..ort.adapters import convert_adapter as convert
@@ -57,6 +58,7 @@ def convert_adapter_command(directories: tuple[str, ...], output: str, model: st
     --mixed-batch, several DIRECTORIES become one set: [n+1, in, r_max] / [n+1, r_max, out].
     """
 
+    check_output_file(output, force)  # before any work
     if mixed_batch:
         _convert_set(directories, output, model, dtype, force, as_json)
         return
@@ -142,7 +144,7 @@ def build_inputs(session: Any, specs: tuple[str, ...], dim: int,
         name, sep, spec = item.partition("=")
         if not sep or name not in declared:
             raise LoraFxError(f"--inputs {item!r}: use NAME=SPEC with NAME one of "
-                              f"{', '.join(declared)}")
+                              f"{some(declared, name)}")
         given[name] = spec
     rng = np.random.default_rng(seed)
     out = {}

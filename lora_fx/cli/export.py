@@ -12,7 +12,7 @@ import click
 from ..api import export_kv_mixed, export_mixed, export_onnx
 from ..capture.trace import capture
 from ..errors import LoraFxError
-from ..fileio import check_writable_dir
+from ..fileio import check_output_file
 from ..load.device import place, resolve_device
 from ..load.model import load_model
 from ..model.adapters import load_adapter
@@ -43,11 +43,14 @@ from .options import device_option
                    "GenAI's names, genai_config.json and the tokenizer files beside it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 @device_option
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_batch: bool,
                    output: str, opset: int | None, verify: bool, dtype: str, kv_cache: bool,
-                   as_json: bool, device: str | None) -> None:
+                   as_json: bool, device: str | None, force: bool) -> None:
     """Export MODEL (with --adapter: merged or not; several: --mixed-batch) to ONNX."""
 
+    if not kv_cache or Path(output).exists():  # --kv-cache makes the folder: it may not exist
+        check_output_file(output, force)  # before any work
     if device is not None and (mixed_batch or len(adapters) > 1 or kv_cache):
         raise LoraFxError("--device with --kv-cache or several adapters is not supported yet: "
                           "export those on the CPU (drop --device)")
@@ -59,12 +62,12 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
     if kv_cache:
         export_kv_command(model, adapter_dir, merge, output, opset, verify, dtype, as_json)
         return
-    check_writable_dir(Path(output).parent.resolve())
     where = resolve_device(device)
     loaded = place(load_model(model), where)  # capture and merge where the weights live
     if adapter_dir:
         gm = load_adapter(loaded.module, loaded.example_inputs, adapter_dir,
-                              loaded.dynamic_shapes)
+                          loaded.dynamic_shapes,
+                          model_names=[model, loaded.extras.get("directory", "")])
     else:
         gm = capture(loaded.module, loaded.example_inputs, loaded.dynamic_shapes)
     gm.eval()
@@ -86,9 +89,13 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
     if report.max_abs_diff is not None:
         check = report.extras.get("verification", {})
         tf32 = f", TF32 {check['tf32']}" if check.get("tf32") else ""
+        shapes = " and ".join(report.extras.get("verified_shapes", []))
         click.echo(f"verified: max |ONNX Runtime - PyTorch| = {report.max_abs_diff:.3g} "
-                   f"on {report.provider} (limit {check.get('tolerance', 0):.3g}: "
-                   f"{check.get('basis', '')}{tf32})")
+                   f"on {report.provider}" + (f" at {shapes}" if shapes else "")
+                   + f" (limit {check.get('tolerance', 0):.3g}: {check.get('basis', '')}{tf32})")
+    for name, axes in report.extras.get("fixed_axes", {}).items():
+        click.echo(f"note: input {name} has fixed axes {axes}: the model fixes them, so the "
+                   "file runs only at the example's sizes there", err=True)
     if "error_vs_fp32" in report.extras:
         errors = ", ".join(f"{k} {v:.3g}" for k, v in report.extras["error_vs_fp32"].items())
         click.echo(f"{dtype} error against fp32 (max abs): {errors}")
@@ -106,8 +113,6 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
         raise LoraFxError("--mixed-batch exports fp32 only for now: drop --dtype")
     if kv_cache and Path(output).suffix != ".onnx":
         raise LoraFxError(f"--kv-cache writes a folder: pass -o DIR/model.onnx, not {output}")
-    if not kv_cache:
-        check_writable_dir(Path(output).parent.resolve())
     named = named_dirs(adapters)
     loaded = load_model(model)
     if kv_cache:

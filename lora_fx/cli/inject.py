@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 import torch
 
-from ..adapter.peft import WEIGHTS_NAME
+from ..adapter.peft import check_adapter_output
 from ..config import LoraConfig
 from ..errors import LoraFxError
-from ..fileio import check_writable_dir
 from ..load.device import place, resolve_device, resolve_dtype
 from ..load.model import load_model
 from ..model.adapters import save_adapter
@@ -63,10 +61,8 @@ def inject_command(model: str, targets: tuple[str, ...], target_regex: str | Non
     where = None if dry_run else resolve_device(device)
     if not dry_run and not output:
         raise LoraFxError("no output: pass -o DIR (or --dry-run to only plan)")
-    if output and not dry_run and (Path(output) / WEIGHTS_NAME).exists() and not force:
-        raise LoraFxError(f"{output} already holds an adapter: pass --force to overwrite it")
     if output and not dry_run:
-        check_writable_dir(Path(output).parent.resolve())
+        check_adapter_output(output, force)  # before any work
     loaded = load_model(model, meta=dry_run)
     if dry_run:  # the plan `lorafx plan` makes: the model on the meta device, counts only
         report = plan_model(loaded.module, loaded.example_inputs, config, loaded.dynamic_shapes)

@@ -43,7 +43,8 @@ def train_command(model: str, adapter_dir: str, steps: int, lr: float, weight_de
                           "with `lorafx train`")
     torch.manual_seed(seed)
     gm = load_adapter(loaded.module, loaded.example_inputs, adapter_dir, loaded.dynamic_shapes,
-                      autocast_adapter_dtype=adapter_dtype == "fp32")
+                      autocast_adapter_dtype=adapter_dtype == "fp32",
+                      model_names=[model, loaded.extras.get("directory", "")])
     placement = Placement(where, dtype, resolve_dtype(autocast))
     with click.progressbar(length=steps, label="training", file=sys.stderr, show_pos=True,
                            item_show_func=lambda loss: loss) as bar:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..adapter.origin import warn_if_other_model
 from ..adapter.peft import MAGNITUDE_KEY, Adapter, read_adapter, write_adapter
 from ..branches.base import LoraBranch, copy_checked
 from ..branches.linear import LoraFused
@@ -75,14 +76,18 @@ def layout_config(gm: nn.Module) -> dict[str, bool]:
     return {"fan_in_fan_out": layouts == {"in_out"}}
 
 def load_adapter(model: nn.Module, example_inputs: tuple[Any, ...], directory: str | Path,
-                 dynamic_shapes: Any = None, autocast_adapter_dtype: bool = True
-                 ) -> fx.GraphModule:
+                 dynamic_shapes: Any = None, autocast_adapter_dtype: bool = True,
+                 model_names: list[str] | None = None) -> fx.GraphModule:
     """Inject the adapter in ``directory`` (written by lorafx or PEFT) into ``model``.
 
     ``autocast_adapter_dtype`` (PEFT's ``from_pretrained`` argument): the factors are fp32 on
-    an fp16/bf16 base whatever dtype the file holds; False keeps the base's dtype.
+    an fp16/bf16 base whatever dtype the file holds; False keeps the base's dtype. Warns when
+    the adapter's ``base_model_name_or_path`` names another model than ``model_names``
+    (default: a transformers model's ``name_or_path``).
     """
     adapter = read_adapter(directory)
+    names = model_names if model_names is not None else [getattr(model, "name_or_path", "")]
+    warn_if_other_model(adapter.config.base_model_name_or_path, names, f"adapter {directory}")
     return apply_adapter(model, example_inputs, adapter, dynamic_shapes, where=str(directory),
                          autocast_adapter_dtype=autocast_adapter_dtype)
 

@@ -19,7 +19,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from ..errors import LoraFxError
+from ..errors import LoraFxError, some
 
 _NAMED = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _CONSTANTS = (bool, int, float, str, type(None))
@@ -72,8 +72,7 @@ def bind(signature: inspect.Signature, args: tuple[Any, ...], kwargs: Mapping[st
         bound = signature.bind(*args, **kwargs)
     except TypeError as err:
         names = [n for n, p in signature.parameters.items() if p.kind in _NAMED]
-        raise LoraFxError(f"{where}: {err}; it takes {', '.join(names[:6])}"
-                          f"{' ...' if len(names) > 6 else ''}") from err
+        raise LoraFxError(f"{where}: {err}; it takes {some(names, list(kwargs))}") from err
     bound.apply_defaults()
     names, values, extras = [], [], {}
     for name, param in signature.parameters.items():

@@ -19,7 +19,6 @@ on the meta device a 175B model costs its module objects and graph (a few hundre
 
 from __future__ import annotations
 
-import difflib
 import resource
 import sys
 import time
@@ -32,7 +31,7 @@ from torch import fx, nn
 from ..capture.recapture import carry
 from ..capture.trace import CAPTURE_KEY, capture
 from ..config import LoraConfig
-from ..errors import LoraFxError
+from ..errors import LoraFxError, some
 from ..graph.copy import copy_graph
 from ..graph.portable import graph_module
 from ..load.meta import SkipMetaInit
@@ -69,18 +68,13 @@ def plan(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig,
 
 
 def _no_match(config: LoraConfig, names: list[str]) -> str:
+    """One line: what was asked, the 3 closest sites (+N more), where to see them all."""
     wanted = config.target_modules
-    keys = [wanted] if isinstance(wanted, str) or wanted is None else list(wanted)
-    leaves = sorted({n.split(".")[-1] for n in names})
-    close = sorted({c for k in keys if k for c in difflib.get_close_matches(str(k), leaves, 3,
-                                                                            0.5)})
-    hint = f"closest: {', '.join(close)}; " if close else ""
-    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-    return (f"target_modules={wanted!r} matches no site; {hint}sites are: {shown or 'none'} "
-            "(run `lorafx inspect MODEL` to list them)")
-
-
-
+    keys = [str(wanted)] if isinstance(wanted, str) or wanted is None else \
+        [str(k) for k in wanted]
+    asked = repr(wanted) if len(repr(wanted)) <= 60 else repr(wanted)[:57] + "..."
+    return (f"target_modules={asked} matches no site: closest: {some(names, keys)}; run "
+            "`lorafx inspect MODEL` to list them")
 
 
 @dataclass

@@ -14,6 +14,7 @@ and DLPack (:func:`run_torch`): numpy has no bfloat16, torch has.
 from __future__ import annotations
 
 import ctypes
+import re
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,12 @@ CUDA = "CUDAExecutionProvider"
 TF32_OFF = {"use_tf32": "0"}  # CUDA provider option: fp32 MatMuls in fp32
 TF32_RTOL = 5e-3  # ~10 × TF32's unit roundoff 2⁻¹¹: the tolerance when TF32 stays on
 Provider = str | tuple[str, dict[str, Any]]
+
+# ONNX Runtime's own log lines are not the user's business: an unmerged file's adapter inputs
+# (initializers that are also graph inputs, by design) would log one warning per tensor on
+# load, and a failed run logs its error before the exception lorafx turns into one line
+ort.set_default_logger_severity(3)
+QUIET = 4  # sessions and runs: errors only as exceptions
 
 
 def available_providers() -> list[str]:
@@ -80,12 +87,17 @@ def open_session(path: str | Path,
     """
 
     requested = list(providers) if providers else default_providers()
+    check_model_path(Path(path))
     opts, disabled = session_options(threads, lean)
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=requested,
                                     disabled_optimizers=disabled)
     except Exception as err:
-        raise LoraFxError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from err
+        text = ort_message(err)
+        if "Protobuf parsing failed" in text or "INVALID_PROTOBUF" in str(err):
+            raise LoraFxError(f"{path} is not an ONNX model (ONNX Runtime cannot parse it): "
+                              "pass a file written by `lorafx export`") from err
+        raise LoraFxError(f"ONNX Runtime cannot load {path}: {text}") from err
     used = sess.get_providers()
     names = [p if isinstance(p, str) else p[0] for p in requested]
     dropped = [p for p in names if p not in used and p != "CPUExecutionProvider"]
@@ -205,8 +217,44 @@ def session_options(threads: int | None = None, lean: bool = False
     if lean:
         opts.add_session_config_entry("session.disable_prepacking", "1")
         opts.enable_cpu_mem_arena = False
-    opts.log_severity_level = 3
+    opts.log_severity_level = QUIET
     return opts, (["ConstantFolding"] if lean else None)
+
+
+def check_model_path(path: Path) -> None:
+    """A LoraFxError unless ``path`` is a file (a directory or a missing path, said so)."""
+    if path.is_dir():
+        inside = sorted(path.glob("*.onnx"))
+        hint = f"pass {inside[0]}" if inside else "pass the .onnx file"
+        raise LoraFxError(f"{path} is a directory, not an ONNX model: {hint}")
+    if not path.exists():
+        raise LoraFxError(f"ONNX model {path} does not exist: pass a file written by "
+                          "`lorafx export`")
+
+
+_HINTS = (  # (words in ONNX Runtime's message, what to do)
+    ("out of data bounds", "token ids must be below the vocabulary size"),
+    ("invalid dimensions", "give the input the size the model fixes (see its declared shape)"),
+    ("invalid rank", "give the input as many axes as the model declares"),
+    ("data type", "give the input the dtype the model declares"),
+)
+
+
+def ort_message(err: BaseException) -> str:
+    """ONNX Runtime's error in one short line: the failing node and its status message."""
+    text = " ".join(str(err).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    found = re.search(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)", text)
+    if found:
+        text = f"{found.group(1)} node {found.group(2)!r}: {found.group(3)}"
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def run_error(err: BaseException, path: Any) -> LoraFxError:
+    """The LoraFxError for a failed run: ONNX Runtime's reason, and what to change."""
+    text = ort_message(err)
+    hint = next((h for words, h in _HINTS if words in text.lower()), "check the inputs")
+    return LoraFxError(f"ONNX Runtime rejected the inputs of {path}: {text}; {hint}")
 
 
 def session_provider(sess: Any) -> str:
@@ -231,7 +279,20 @@ def _numpy(x: Any) -> np.ndarray:
 
 
 def run(sess: Any, inputs: Sequence[Any], run_options: Any = None) -> list[np.ndarray]:
-    return list(sess.run(None, feeds(sess, inputs), run_options))
+    return run_feeds(sess, feeds(sess, inputs), run_options)
+
+
+def run_feeds(sess: Any, named: dict[str, Any], run_options: Any = None,
+              path: Any = "the model") -> list[np.ndarray]:
+    """``sess.run`` on named inputs; ONNX Runtime's failures as one-line LoraFxErrors."""
+    options = run_options or ort.RunOptions()
+    options.log_severity_level = QUIET
+    try:
+        return list(sess.run(None, named, options))
+    except (ort.capi.onnxruntime_pybind11_state.Fail,
+            ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+            ort.capi.onnxruntime_pybind11_state.RuntimeException) as err:
+        raise run_error(err, path) from err
 
 
 def max_abs_diff(ort_outputs: Sequence[np.ndarray], torch_outputs: Sequence[Any]) -> float:

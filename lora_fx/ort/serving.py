@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import LoraFxError
+from ..errors import LoraFxError, some
 from ..onnx.names import A_SUFFIX, B_SUFFIX
 from . import runtime
 from .adapter_sets import IDS_INPUT, NAMES_META, check_ids, read_ids, row_ids
@@ -93,6 +93,10 @@ class AdapterSession:
         and ranks against this model (ONNX Runtime would only fail at run time)."""
 
         path = Path(path)
+        if path.is_dir():
+            raise LoraFxError(f"adapter {path} is a directory: `lorafx run` takes an "
+                              f".onnx_adapter file; make one with `lorafx convert-adapter {path} "
+                              f"-o FILE.onnx_adapter --model {self.path}`")
         if not path.is_file():
             raise LoraFxError(f"adapter file {path} does not exist")
         try:
@@ -165,7 +169,7 @@ class AdapterSession:
             return None
         if adapter not in self.adapters:
             raise LoraFxError(f"adapter {adapter!r} is not loaded: loaded are "
-                              f"{', '.join(sorted(self.adapters)) or 'none'}")
+                              f"{some(sorted(self.adapters), adapter)}")
         return self.adapters[adapter]
 
     def feeds(self, inputs: Inputs) -> dict[str, Any]:
@@ -174,7 +178,7 @@ class AdapterSession:
             unknown = sorted(set(inputs) - set(self.inputs))
             if unknown:
                 raise LoraFxError(f"input {unknown[0]!r} is not an input of {self.path}: its "
-                                  f"inputs are {', '.join(self.inputs)}")
+                                  f"inputs are {some(self.inputs, unknown[0])}")
             return {k: v if _is_ortvalue(v) else _array(v) for k, v in inputs.items()}
         return runtime.feeds(self.session, list(inputs))
 
@@ -214,7 +218,7 @@ class AdapterSession:
         loaded = self._adapter(adapter)
         options = loaded.run_options if loaded else None
         feeds = self.with_rows(self.feeds(inputs), rows, adapter)
-        return list(self.session.run(None, feeds, options))
+        return runtime.run_feeds(self.session, feeds, options, self.path)
 
     def run_bound(self, inputs: Inputs, adapter: str | None = None,
                   to_host: bool = True, rows: Sequence[str | int] | None = None) -> list[Any]:
@@ -233,7 +237,10 @@ class AdapterSession:
             binding.bind_ortvalue_input(name, value)
         for name in self.outputs:
             binding.bind_output(name, kind, index)
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as err:  # ONNX Runtime's Fail / InvalidArgument / RuntimeException
+            raise runtime.run_error(err, self.path) from err
         if not to_host:
             return list(binding.get_outputs())
         if not self.bf16_outputs:
