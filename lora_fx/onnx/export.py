@@ -19,6 +19,7 @@ from .. import memory
 from ..capture.dynamic import auto_dynamic, widened
 from ..capture.program import captured_program
 from .names import torch_dtype
+from .outputs import name_outputs, output_names
 from .prepare import Prepared, cast_inputs, prepare
 from .report import ExportReport, op_histogram
 from .rules import forget_rewriter_state
@@ -103,6 +104,7 @@ def trace(prep: Prepared, dynamic_shapes: Any, opset: int | None, release: bool
             program = to_onnx(reuse, (), opset=opset)
         else:
             program = to_onnx(prep.module, args, dynamic_shapes, opset)
+    name_outputs(program.model, output_names(reuse if reuse is not None else prep.module))
     return program, extras
 
 

@@ -5,8 +5,9 @@
 - ``use_cache=False`` (export cannot return cache objects). Attention: "eager" for the model
   types whose SDPA path does not export (the T5 family: a view of a transposed tensor), "sdpa"
   where the class supports it, else "eager".
-- Example inputs from the config: ``input_ids`` + ``attention_mask`` [batch 2, seq 8] for text,
-  plus ``decoder_input_ids`` [2, 6] for encoder-decoders; ``pixel_values`` [2, C, H, W] for
+- Example inputs from the config: ``input_ids`` + ``attention_mask`` [batch 2, seq 8] for text
+  (+ ``token_type_ids``, zeros, where the config has segment types: BERT), plus
+  ``decoder_input_ids`` [2, 6] for encoder-decoders; ``pixel_values`` [2, C, H, W] for
   vision. They are passed positionally in ``forward``'s order, ``None`` for skipped parameters
   (``GPT2LMHeadModel(input_ids, None, attention_mask)``).
 - ``dynamic_shapes``: ``Dim.AUTO`` on the batch and sequence axes (image: batch only); export
@@ -179,9 +180,18 @@ def example_kwargs(model: nn.Module, config: Any, batch: int = BATCH, seq: int =
     seq = min(seq, max(2, _max_positions(text) - 2))
     out = {"input_ids": _token_ids(text, batch, seq, g),
            "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    if takes_token_types(model, text):  # BERT and kin: an input of the export, as optimum's
+        out["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
     if getattr(config, "is_encoder_decoder", False):
         out["decoder_input_ids"] = _token_ids(text, batch, min(DECODER_SEQ, seq), g)
     return out
+
+
+def takes_token_types(model: nn.Module, text: Any) -> bool:
+    """Whether ``model`` reads segment ids: its forward takes ``token_type_ids`` and its
+    config has a segment vocabulary of 2 or more (BERT's ``type_vocab_size``)."""
+    params = inspect.signature(model.forward).parameters
+    return "token_type_ids" in params and int(getattr(text, "type_vocab_size", 0) or 0) > 1
 
 
 def _max_positions(text: Any) -> int:
