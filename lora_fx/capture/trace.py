@@ -25,6 +25,7 @@ from torch import fx, nn
 from ..errors import LoraFxError
 from ..graph.portable import PortableGraphModule
 from ..passes.runner import run_pass
+from ..progress import stage
 from .attention_dropout import attention_dropout_pass
 from .cache import no_cache
 from .dropout import dropout_pass
@@ -97,7 +98,8 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: A
             if method == "symbolic_trace":
                 raise LoraFxError(f"symbolic_trace failed{_where(err)}: {err}; use capture "
                                   "method 'export'") from err
-    return _export(model, example_inputs, dynamic_shapes, trace_error)
+    with stage("capturing the model"):
+        return _export(model, example_inputs, dynamic_shapes, trace_error)
 
 
 def _export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: Any,

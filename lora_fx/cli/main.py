@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from .. import progress
 from ..errors import LoraFxError, LoraFxWarning
 
 COMMANDS = {  # name -> "module:function", in the order `lorafx --help` lists them
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         for name in ("torch", "torch.onnx", "torch.export", "transformers"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    progress.enable(sys.stderr.isatty() and "--json" not in args)  # a spinner on terminals
     try:
         cli.main(args=args, prog_name="lorafx", standalone_mode=False)
     except LoraFxError as err:

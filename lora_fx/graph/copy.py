@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 from torch import fx, nn
 
@@ -12,7 +13,9 @@ from .portable import graph_module
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
     new = fx.Graph()
-    new._codegen = copy.deepcopy(graph._codegen)
+    with warnings.catch_warnings():  # torch's own LeafSpec deprecation, raised by deepcopy
+        warnings.simplefilter("ignore", FutureWarning)
+        new._codegen = copy.deepcopy(graph._codegen)
     val_map: dict[fx.Node, fx.Node] = {}
     out = new.graph_copy(graph, val_map, return_output_node=True)
     assert isinstance(out, tuple)

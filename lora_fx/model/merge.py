@@ -20,6 +20,7 @@ from ..match.matcher import weight_readers
 from ..passes.merge import merge_pass, site_uses
 from ..passes.runner import run_pass
 from ..passes.state import LoraState, get_state
+from ..progress import stage
 from .params import branches
 from .wrapper import like
 
@@ -50,9 +51,10 @@ def merge(gm: nn.Module, inplace: bool = False) -> fx.GraphModule:
     if state is not None:
         for name in state.saved:  # modules_to_save copies are part of the merged model
             set_attr_cow(new, name, gm.get_submodule(name))
-        rest = _fold_in_place(gm, new, state) if inplace else branches(gm)
-        run_pass("merge", merge_pass, new, {n: state.sites[n] for n in rest}, rest)
-        new.delete_all_unused_submodules()
+        with stage("merging the adapter"):
+            rest = _fold_in_place(gm, new, state) if inplace else branches(gm)
+            run_pass("merge", merge_pass, new, {n: state.sites[n] for n in rest}, rest)
+            new.delete_all_unused_submodules()
     new.train(gm.training)
     return new
 

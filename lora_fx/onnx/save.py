@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from .. import fileio
 from ..fileio import check_writable_dir
+from ..progress import stage
 from . import names
 from .report import initializer_bytes
 from .stream import Layout, write_model
@@ -33,6 +34,11 @@ def save_program(program: Any, path: Path, external_data: bool | None = None
     """
     path = Path(path)
     check_writable_dir(path.parent.resolve())
+    with stage("writing the file"):
+        return _save(program, path, external_data)
+
+
+def _save(program: Any, path: Path, external_data: bool | None) -> tuple[bool, Layout | None]:
     size = initializer_bytes(program.model)  # not model_proto: that copies every weight
     use_external = size > names.EXTERNAL_DATA_BYTES if external_data is None else external_data
     fileio.sweep_stale(path.parent, path.name)  # leftovers of killed exports

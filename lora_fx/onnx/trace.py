@@ -13,23 +13,29 @@ import torch
 from torch import nn
 
 from ..errors import LoraFxError
+from ..progress import stage
 from .rules import op_type_first
+
+_NOISY = ("onnxscript.optimizer._constant_folding",  # "Evaluation failed": left to run time
+          "torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
 
 
 @contextmanager
 def quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's warnings and onnxscript's constant-folding log lines
-    ("Evaluation failed: ...": a constant it could not fold is left as computed at run time,
-    which is not an error) while exporting."""
-    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
-    level = folding.level
-    folding.setLevel(logging.ERROR)
+    """Silence the exporter's warnings, its registry's "torchvision is not installed" lines and
+    onnxscript's constant-folding log lines ("Evaluation failed: ...": a constant it could not
+    fold is left as computed at run time, which is not an error) while exporting."""
+    loggers = [logging.getLogger(name) for name in _NOISY]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        folding.setLevel(level)
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
 
 
 def to_onnx(model: nn.Module | torch.export.ExportedProgram, example_inputs: tuple[Any, ...],
@@ -49,7 +55,7 @@ def to_onnx(model: nn.Module | torch.export.ExportedProgram, example_inputs: tup
     if dynamic_shapes is not None:
         kwargs["dynamic_shapes"] = dynamic_shapes
     try:
-        with eval_mode(model), quiet_exporter(), op_type_first():
+        with stage("exporting to ONNX"), eval_mode(model), quiet_exporter(), op_type_first():
             return torch.onnx.export(model, tuple(example_inputs), **kwargs)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from .. import fileio
 from ..errors import LoraFxError, LoraFxWarning
 from ..ort import runtime
+from ..progress import stage
 from .names import DTYPE_RTOL
 from .report import ExportReport
 from .shapes import second_shape, shape_text, symbolic_axes
@@ -62,6 +63,13 @@ def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.
     ``report.extras["verified_shapes"]`` lists the shapes run.
     """
 
+    with stage("verifying in ONNX Runtime"):
+        _verify(report, inputs, want, atol, providers, dtype, lean, layout, more)
+
+
+def _verify(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.Tensor],
+            atol: float, providers: list[str] | None, dtype: str | None, lean: bool,
+            layout: Layout | None, more: Sequence[Case]) -> None:
     try:
         with _loadable(report.path, layout) as model_file:
             sess, tf32 = runtime.verifying_session(model_file, providers, lean=lean)
