@@ -183,8 +183,8 @@ def check_adapter_output(directory: str | Path, force: bool = False) -> Path:
     check_writable_dir(d.parent.resolve())
     config = d / CONFIG_NAME
     if config.exists() and not is_adapter_config(config):
-        raise LoraFxError(f"{config} is not an adapter's config (no peft_type): {d} is not an "
-                          "adapter directory; choose another output directory")
+        raise LoraFxError(f"{config} is not an adapter's config (no peft_type): write the "
+                          "adapter to another directory")
     if (config.exists() or (d / WEIGHTS_NAME).exists()) and not force:
         raise LoraFxError(f"{d} already holds an adapter: pass --force (force=True) to "
                           "overwrite it")

@@ -232,9 +232,16 @@ def check_model_path(path: Path) -> None:
                           "`lorafx export`")
 
 
-_HINTS = (  # (words in ONNX Runtime's message, what to do)
-    ("out of data bounds", "token ids must be below the vocabulary size"),
-    ("invalid dimensions", "give the input the size the model fixes (see its declared shape)"),
+_SHORT = (  # ONNX Runtime's wordings, said in fewer words
+    (r"\s*Please fix either the inputs/outputs or the model\.?", ""),
+    (r"indices element out of data bounds, idx=(-?\d+) must be within the inclusive range "
+     r"\[(-?\d+),(-?\d+)\]", r"index \1 out of range [0, \3]"),
+    (r"Got invalid dimensions for input: (\S+) for the following indices index: (\d+) "
+     r"Got: (\d+) Expected: (\d+)", r"input \1 has size \3 on axis \2, the model fixes \4"),
+)
+_HINTS = (  # (words in the short message, what to do)
+    ("out of range", "token ids must be < the vocabulary size"),
+    ("the model fixes", "give that axis the size the model fixes"),
     ("invalid rank", "give the input as many axes as the model declares"),
     ("data type", "give the input the dtype the model declares"),
 )
@@ -244,10 +251,14 @@ def ort_message(err: BaseException) -> str:
     """ONNX Runtime's error in one short line: the failing node and its status message."""
     text = " ".join(str(err).split())
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from .*? failed:", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ \S+?\(.*?\)\s*", "", text)  # ORT's source line
     found = re.search(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)", text)
     if found:
         text = f"{found.group(1)} node {found.group(2)!r}: {found.group(3)}"
-    return text if len(text) <= 160 else text[:157] + "..."
+    for pattern, short in _SHORT:
+        text = re.sub(pattern, short, text)
+    return text if len(text) <= 130 else text[:127] + "..."
 
 
 def run_error(err: BaseException, path: Any) -> LoraFxError:
