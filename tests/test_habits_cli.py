@@ -210,7 +210,8 @@ print("done")
 
 
 def test_python_api_prints_no_library_noise(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    code = Path(lora_fx.__file__).resolve().parent.parent  # the lora_fx under test
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), str(ROOT / "tests")])}
     proc = subprocess.run([sys.executable, "-c", NOISY_API.format(out=tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.stdout.strip() == "done", proc.stderr
