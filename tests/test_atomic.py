@@ -112,7 +112,7 @@ def test_sigkill_during_onnx_export_keeps_previous_file(tmp_path: Path, hooks: P
     target = tmp_path / "model.onnx"
     w = _previous_onnx(target)
     before = target.read_bytes()
-    partial = _kill_mid_write(["export", str(TINY), "-o", str(target), "--no-verify"],
+    partial = _kill_mid_write(["export", str(TINY), "-o", str(target), "--no-verify", "--force"],
                               tmp_path, "onnx", hooks)
     assert partial != target and partial.parent.parent == tmp_path  # a temporary beside it
     assert target.read_bytes() == before

@@ -17,6 +17,6 @@ set -x
 lorafx inject "$MODEL" -t query -t value -r 8 --alpha 16 --modules-to-save head \
   -o "$OUT/adapter" --force
 lorafx train "$MODEL" --adapter "$OUT/adapter" --steps "$STEPS" --lr 2e-3
-lorafx export "$MODEL" -o "$OUT/base.onnx"
-lorafx export "$MODEL" --adapter "$OUT/adapter" --merge -o "$OUT/model.onnx"
+lorafx export "$MODEL" -o "$OUT/base.onnx" --force
+lorafx export "$MODEL" --adapter "$OUT/adapter" --merge -o "$OUT/model.onnx" --force
 python examples/quickstart/report.py "$OUT"

@@ -1,12 +1,12 @@
 """An injected model's adapter in and out: PEFT's view of its config, save, load, apply.
+
+Saving lives in ``model.saving`` (the injected model's ``save_pretrained`` uses it, and
+loading injects); both are imported from here.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -14,66 +14,18 @@ import torch
 from torch import fx, nn
 
 from ..adapter.origin import warn_if_other_model
-from ..adapter.peft import MAGNITUDE_KEY, Adapter, read_adapter, write_adapter
-from ..branches.base import LoraBranch, copy_checked
-from ..branches.linear import LoraFused
+from ..adapter.peft import MAGNITUDE_KEY, Adapter, read_adapter
+from ..branches.base import copy_checked
 from ..config import LoraConfig
 from ..errors import LoraFxError
 from ..passes.state import require_state
 from ..variants.init import reads_weight
 from .inject import inject
 from .params import branches
+from .saving import layout_config, save_adapter, to_adapter
 
+__all__ = ["apply_adapter", "layout_config", "load_adapter", "save_adapter", "to_adapter"]
 
-def to_adapter(gm: nn.Module) -> Adapter:
-    """The adapter held by an injected GraphModule (A, B per site; modules_to_save tensors).
-
-    Its config is what PEFT reads: ``all-linear`` / ``target_forms`` become the explicit site
-    list, and a fused site is its exact plain equivalent (rank k·r, alpha keeping s); lorafx's
-    own config then rides along in ``Adapter.lorafx`` (``lorafx_config.json``).
-    """
-    state = require_state(gm)
-    brs = branches(gm)
-    lora = {name: b.peft_factors() for name, b in brs.items()}
-    kinds = {name: b.kind for name, b in brs.items() if b.kind == "embedding"}
-    saved = {f"{name}.{pname}": p.detach() for name in state.saved
-             for pname, p in gm.get_submodule(name).named_parameters()}
-    config, lorafx = _peft_view(state.config, list(state.sites), brs)
-    magnitude = {name: extra[MAGNITUDE_KEY] for name, b in brs.items()
-                 if MAGNITUDE_KEY in (extra := b.extra_tensors())}
-    return Adapter(config, lora, saved, kinds, lorafx, magnitude=magnitude)
-
-
-def _peft_view(config: LoraConfig, sites: list[str], brs: dict[str, LoraBranch]
-               ) -> tuple[LoraConfig, dict[str, Any] | None]:
-    """(config PEFT can load, lorafx's config when PEFT's view loses something, else None)."""
-    changes: dict[str, Any] = {}
-    if config.target_modules == "all-linear" or config.target_forms:
-        changes.update(target_modules=sorted(sites), target_forms=None)
-    fused = {n: b for n, b in brs.items() if isinstance(b, LoraFused)}
-    if fused:  # keys sort first in the JSON and match one site only: PEFT takes the first match
-        keys = {n: f"(?:^{re.escape(n)})" for n in fused}
-        ranks = {keys[n]: b.k * b.r for n, b in fused.items()}
-        alphas = {keys[n]: b.scaling * (math.sqrt(ranks[keys[n]]) if config.use_rslora
-                                        else ranks[keys[n]]) for n, b in fused.items()}
-        changes.update(rank_pattern={**ranks, **config.rank_pattern},
-                       alpha_pattern={**alphas, **config.alpha_pattern}, enable_lora={})
-    view = dataclasses.replace(config, **changes) if changes else config
-    return view, (dataclasses.asdict(config) if fused else None)
-
-
-def save_adapter(gm: nn.Module, directory: str | Path, force: bool = False) -> Path:
-    """Write PEFT's adapter layout (adapter_config.json + adapter_model.safetensors)."""
-    adapter = to_adapter(gm)
-    extra = layout_config(gm)
-    return write_adapter(adapter, directory, force=force, extra_config=extra)
-
-
-
-def layout_config(gm: nn.Module) -> dict[str, bool]:
-    """PEFT's ``fan_in_fan_out``: True when every site's weight is [in, out] (HF Conv1D)."""
-    layouts = {rec.layout for rec in require_state(gm).sites.values()}
-    return {"fan_in_fan_out": layouts == {"in_out"}}
 
 def load_adapter(model: nn.Module, example_inputs: tuple[Any, ...], directory: str | Path,
                  dynamic_shapes: Any = None, autocast_adapter_dtype: bool = True,

@@ -37,6 +37,7 @@ from ..passes.state import BRANCH_ROOT, STATE_KEY, LoraState, get_state
 from ..passes.variant_hooks import variant_hooks_pass
 from .binding import Call, Pattern, bind, defaults, fits, pattern
 from .plan import plan
+from .saving import save_adapter
 from .tied import realias, unalias
 
 CALL_KEY = "lorafx_call"  # gm.meta[CALL_KEY]: Origin
@@ -186,8 +187,6 @@ class LoraModel(PortableGraphModule):
 
     def save_pretrained(self, directory: str | Path, **_: Any) -> Path:
         """Write the adapter in PEFT's layout (``PeftModel.save_pretrained``'s habit)."""
-        from .adapters import save_adapter  # deferred: adapters imports inject, which imports this
-
         return save_adapter(self, directory, force=True)
 
 

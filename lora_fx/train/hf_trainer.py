@@ -44,8 +44,9 @@ LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
 def graph_input_names(model: nn.Module) -> list[str]:
-    """The positional parameter names of ``model.forward`` (a GraphModule's placeholders)."""
-    params = inspect.signature(model.forward).parameters.values()
+    """The positional parameter names of the graph's own forward (a LoraModel's
+    ``graph_forward``: the inputs it was captured with), else of ``model.forward``."""
+    params = inspect.signature(getattr(model, "graph_forward", model.forward)).parameters.values()
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return [p.name for p in params if p.kind in kinds]
 
