@@ -95,6 +95,7 @@ class LoraModel(PortableGraphModule):
     graph_forward: Callable[..., Any]  # the graph's generated code, set by recompile
 
     def recompile(self) -> Any:
+        self.__dict__.pop("_lorafx_variants", None)  # captured for the graph before this one
         code = super().recompile()
         cls = type(self)
         forward = cls.__dict__.get("forward")
