@@ -17,7 +17,7 @@ from ..adapter.origin import warn_if_other_model
 from ..adapter.peft import MAGNITUDE_KEY, Adapter, read_adapter
 from ..branches.base import copy_checked
 from ..config import LoraConfig
-from ..errors import LoraFxError
+from ..errors import LoraFxError, some
 from ..passes.state import require_state
 from ..variants.init import reads_weight
 from .inject import inject
@@ -58,9 +58,8 @@ def apply_adapter(model: nn.Module, example_inputs: tuple[Any, ...], adapter: Ad
     except LoraFxError as err:
         if "matches no site" not in str(err):
             raise
-        first = sorted(adapter.lora)[0] if adapter.lora else "?"
-        raise LoraFxError(f"{where}: site {first!r} of the adapter is not in this model: the "
-                          f"adapter belongs to another model ({err})") from err
+        raise LoraFxError(f"{where}: no site of the adapter ({some(sorted(adapter.lora))}) is in "
+                          "this model: the adapter belongs to another model") from err
     state = require_state(gm)
     have, want = set(state.sites), set(adapter.lora)
     if want - have:

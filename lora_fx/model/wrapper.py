@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,24 @@ CALL_KEY = "lorafx_call"  # gm.meta[CALL_KEY]: Origin
 
 @dataclasses.dataclass
 class Origin:
-    """Where a LoraModel came from: the model captured, its signature, the capture's pattern."""
+    """Where a LoraModel came from: the model captured, its signature, the capture's pattern.
 
-    model: nn.Module
+    An injected model holds its model (it shares every tensor of it anyway); a merged one only
+    a weak reference, so that it does not keep the unmerged weights alive.
+    """
+
+    model: nn.Module | None
     signature: inspect.Signature
     pattern: Pattern
     arity: int          # positional arguments the captured graph takes
+    name: str           # the model's class name, for messages
+    weak: Any = None    # weakref.ref to the model, when ``model`` is None
+
+    def source(self) -> nn.Module | None:
+        return self.model if self.model is not None else self.weak() if self.weak else None
+
+    def weakened(self) -> Origin:
+        return dataclasses.replace(self, model=None, weak=weakref.ref(self.source()))
 
 
 @dataclasses.dataclass
@@ -131,7 +144,7 @@ class LoraModel(PortableGraphModule):
         if not isinstance(origin, Origin) or self.meta.get(CAPTURE_KEY) != "export" or \
                 torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return self.graph_forward(*args, **kwargs)
-        call = bind(origin.signature, args, kwargs, type(origin.model).__name__)
+        call = bind(origin.signature, args, kwargs, origin.name)
         if fits(origin.pattern, call):
             return self.graph_forward(*call.values[: origin.arity])
         variants: list[Variant] = self.__dict__.setdefault("_lorafx_variants", [])
@@ -146,10 +159,11 @@ class LoraModel(PortableGraphModule):
 
     def origin_model(self, what: str = "this") -> nn.Module:
         origin = self.meta.get(CALL_KEY)
-        if not isinstance(origin, Origin):
-            raise LoraFxError(f"{what} needs the model this graph was captured from; inject "
-                              "into the model with lora_fx.inject")
-        return origin.model
+        model = origin.source() if isinstance(origin, Origin) else None
+        if model is None:
+            raise LoraFxError(f"{what} needs the model this graph was captured from, which no "
+                              "longer exists: keep a reference to the model you injected into")
+        return model
 
     @property
     def config(self) -> Any:
@@ -170,7 +184,7 @@ class LoraModel(PortableGraphModule):
 
     def can_generate(self) -> bool:
         model = self.meta.get(CALL_KEY)
-        return isinstance(model, Origin) and callable(getattr(model.model, "generate", None))
+        return isinstance(model, Origin) and callable(getattr(model.source(), "generate", None))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The original model's ``generate`` with every forward run through this model.
@@ -193,9 +207,10 @@ class LoraModel(PortableGraphModule):
 
 def _origin_attr(model: LoraModel, name: str) -> Any:
     origin = model.meta.get(CALL_KEY)
-    if not isinstance(origin, Origin) or not hasattr(origin.model, name):
+    source = origin.source() if isinstance(origin, Origin) else None
+    if source is None or not hasattr(source, name):
         raise AttributeError(f"{type(model).__name__} has no attribute {name!r}")
-    return getattr(origin.model, name)
+    return getattr(source, name)
 
 
 @contextlib.contextmanager
@@ -235,7 +250,7 @@ def as_model(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple[Any, ..
     signature = inspect.signature(model.forward)
     call = bind(signature, tuple(example_inputs), {}, type(model).__name__)
     new.meta[CALL_KEY] = Origin(model, signature, pattern(call, gm.graph),
-                                len(tuple(example_inputs)))
+                                len(tuple(example_inputs)), type(model).__name__)
     sign(new)
     new.train(gm.training)
     return new
@@ -243,11 +258,13 @@ def as_model(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple[Any, ..
 
 def like(gm: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """A GraphModule over ``gm``'s attributes and ``graph``, a LoraModel if ``gm`` is one
-    (carrying its origin)."""
+    (carrying its origin, weakly: see ``Origin``)."""
     if not isinstance(gm, LoraModel):
         return graph_module(gm, graph)
     new = LoraModel(gm, graph)
-    new.meta[CALL_KEY] = gm.meta.get(CALL_KEY)
+    origin = gm.meta.get(CALL_KEY)
+    if isinstance(origin, Origin) and origin.source() is not None:
+        new.meta[CALL_KEY] = origin.weakened()  # merged weights are new: no unmerged kept alive
     sign(new)
     return new
 
@@ -255,8 +272,8 @@ def like(gm: nn.Module, graph: fx.Graph) -> fx.GraphModule:
 def recapture(model: LoraModel, origin: Origin, call: Call) -> Variant:
     """Capture ``origin.model`` again for ``call``'s arguments, with ``model``'s branches and
     weights (the same tensors)."""
-    source = origin.model
-    where = type(source).__name__
+    source = model.origin_model("calling it with other arguments than its capture's")
+    where = origin.name
     if isinstance(source, fx.GraphModule):
         raise LoraFxError(f"{where}: this call does not fit the graph captured (it takes "
                           f"{_takes(origin.pattern)}), and a captured graph cannot be captured "

@@ -26,12 +26,15 @@ def symbolic_axes(model: Any, count: int) -> list[list[int]] | None:
 
 
 def fixed_axes(model: Any) -> dict[str, list[int]]:
-    """Input name → its batch/length axes (0, 1) that the file fixes to a size."""
+    """Input name → its batch axis (0) and, for token inputs (integers), length axis (1) when
+    the file fixes them to a size (an image's channels are fixed by nature: not listed)."""
     out: dict[str, list[int]] = {}
     for v in model.graph.inputs:
         if v.shape is None or v.const_value is not None:  # adapter inputs: not data
             continue
-        fixed = [i for i, d in enumerate(v.shape) if i < 2 and isinstance(d, int)]
+        floating = v.dtype is not None and v.dtype.is_floating_point()
+        axes = 1 if floating else 2
+        fixed = [i for i, d in enumerate(v.shape) if i < axes and isinstance(d, int)]
         if fixed:
             out[v.name] = fixed
     return out
