@@ -61,9 +61,9 @@ class _Spinner:
         while not done.is_set():
             with self.lock:
                 name = self.stages[-1] if self.stages else ""
-            self._write(f"\r{FRAMES[frame % len(FRAMES)]} {name} "
-                        f"({time.monotonic() - self.start:.0f} s)\x1b[K")
-            self.drawn = True
+                self._write(f"\r{FRAMES[frame % len(FRAMES)]} {name} "
+                            f"({time.monotonic() - self.start:.0f} s)\x1b[K")
+                self.drawn = True
             frame += 1
             done.wait(TICK)
 
@@ -85,6 +85,12 @@ _SPINNER = _Spinner()
 def enable(on: bool = True, stream: TextIO | None = None) -> None:
     """Show stages on ``stream`` (default: stderr) from now on (``on=False``: stop)."""
     _SPINNER.enabled, _SPINNER.stream = on, stream
+
+
+def clear() -> None:
+    """Erase the spinner's line (the next tick redraws it): call before printing a line."""
+    with _SPINNER.lock:
+        _SPINNER._erase()
 
 
 def enabled() -> bool:

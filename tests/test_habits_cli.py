@@ -179,6 +179,31 @@ def test_terminal_shows_the_stage_and_json_stays_quiet(tmp_path: Path) -> None:
     assert not any(c in quiet for c in progress.FRAMES), quiet[-500:]
 
 
+def test_stages_show_past_the_delay_and_are_erased(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import time
+
+    from lora_fx import progress
+
+    monkeypatch.setattr(progress, "DELAY", 0.05)
+    stream = io.StringIO()
+    progress.enable(True, stream)
+    try:
+        with progress.stage("capturing the model"):
+            with progress.stage("merging the adapter"):
+                time.sleep(0.3)
+        with progress.stage("quick"):
+            pass  # under the delay: nothing drawn
+    finally:
+        progress.enable(False)
+    text = stream.getvalue()
+    assert "merging the adapter (0 s)" in text and "quick" not in text
+    assert text.endswith("\r\x1b[K")  # the line is erased: only the command's output stays
+    with progress.stage("off"):  # disabled (the Python API's default): nothing at all
+        time.sleep(0.1)
+    assert stream.getvalue() == text
+
+
 def test_train_first_frame_shows_no_nan(tmp_path: Path) -> None:
     from lora_fx.load.model import load_model_file
 

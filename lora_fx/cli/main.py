@@ -59,6 +59,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any,
                   **kwargs: Any) -> None:
+    progress.clear()  # not in the middle of a spinner's line
     click.echo(f"warning: {message}", err=True)
 
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     except LoraFxError as err:
         if debug:
             traceback.print_exc()
+        progress.clear()
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
     except click.exceptions.Abort:

@@ -16,6 +16,7 @@ model, without a cache (every step recomputes the prefix through the graph). ``c
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import functools
@@ -64,6 +65,13 @@ class Origin:
 
     def weakened(self) -> Origin:
         return dataclasses.replace(self, model=None, weak=weakref.ref(self.source()))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "weak": None}  # a weak reference does not pickle: dropped
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Origin:
+        return dataclasses.replace(self, model=copy.deepcopy(self.model, memo),
+                                   pattern=copy.deepcopy(self.pattern, memo))
 
 
 @dataclasses.dataclass
