@@ -56,7 +56,7 @@ class TensorSlot:
             all(s is None or s == n for s, n in zip(self.sizes, value.shape, strict=True))
 
 
-Pattern = dict[str, Any]  # argument name -> TensorSlot, or the constant the capture took
+Pattern = dict[str, Any]  # argument name -> (pytree spec, its leaves' TensorSlots or values)
 
 
 def defaults(signature: inspect.Signature) -> dict[str, Any]:
@@ -97,26 +97,27 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def pattern(call: Call, graph: fx.Graph | None) -> Pattern:
-    """What ``graph`` (captured from ``call``'s arguments) takes: a TensorSlot per tensor
-    argument, whose fixed axes are those of its placeholder (every axis when unknown), and
-    the value of every other argument."""
+    """What ``graph`` (captured from ``call``'s arguments) takes, per argument: its pytree
+    structure and leaves, a TensorSlot per tensor (fixed axes from its placeholder, every axis
+    when unknown), the value of every other leaf."""
     found = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"] if graph else []
-    vals = [v for v in found if isinstance(v, torch.Tensor)]
+    vals = iter([v for v in found if isinstance(v, torch.Tensor)])
     args = call.arguments()
-    tensors = [t for t in pytree.tree_leaves(list(args.values())) if isinstance(t, torch.Tensor)]
-    known = len(vals) == len(tensors)
+    count = sum(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(list(args.values())))
+    known = count == sum(isinstance(v, torch.Tensor) for v in found)
     out: Pattern = {}
-    index = 0
     for name, value in args.items():
-        if isinstance(value, torch.Tensor):
-            val = vals[index] if known else None
-            index += 1
+        leaves, spec = pytree.tree_flatten(value)
+        slots: list[Any] = []
+        for leaf in leaves:
+            if not isinstance(leaf, torch.Tensor):
+                slots.append(leaf)
+                continue
+            val = next(vals) if known else None
             sizes = tuple(d if isinstance(d, int) else None for d in val.shape) \
-                if val is not None else tuple(value.shape)
-            out[name] = TensorSlot(value.dtype, sizes)
-        else:
-            index += sum(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(value))
-            out[name] = value
+                if val is not None else tuple(leaf.shape)
+            slots.append(TensorSlot(leaf.dtype, sizes))
+        out[name] = (spec, tuple(slots))
     return out
 
 
@@ -126,10 +127,14 @@ def fits(want: Pattern, call: Call) -> bool:
     if set(args) != set(want):
         return False
     for name, value in args.items():
-        slot = want[name]
-        if isinstance(slot, TensorSlot):
-            if not slot.accepts(value):
-                return False
-        elif isinstance(value, torch.Tensor) or not _same(value, slot):
+        spec, slots = want[name]
+        leaves, got = pytree.tree_flatten(value)
+        if got != spec:
             return False
+        for slot, leaf in zip(slots, leaves, strict=True):
+            if isinstance(slot, TensorSlot):
+                if not slot.accepts(leaf):
+                    return False
+            elif isinstance(leaf, torch.Tensor) or not _same(leaf, slot):
+                return False
     return True

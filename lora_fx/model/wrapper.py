@@ -37,7 +37,7 @@ from ..passes.inject import inject_pass
 from ..passes.runner import run_pass
 from ..passes.state import BRANCH_ROOT, STATE_KEY, LoraState, get_state
 from ..passes.variant_hooks import variant_hooks_pass
-from .binding import Call, Pattern, bind, defaults, fits, pattern
+from .binding import Call, Pattern, TensorSlot, bind, defaults, fits, pattern
 from .plan import plan
 from .saving import save_adapter
 from .tied import realias, unalias
@@ -307,8 +307,9 @@ def recapture(model: LoraModel, origin: Origin, call: Call) -> Variant:
 
 
 def _takes(want: Pattern) -> str:
-    names = [k for k, v in want.items() if v is not None and not isinstance(v, (bool, int))]
-    return ", ".join(names) or "no arguments"
+    """The names of the arguments a capture took values for (tensors, or not None)."""
+    return ", ".join(n for n, (_, slots) in want.items()
+                     if any(isinstance(x, TensorSlot) for x in slots)) or "no tensors"
 
 
 def _with_extras(model: nn.Module, extras: dict[str, Any]) -> nn.Module:
@@ -350,10 +351,10 @@ def _has(module: nn.Module, target: str) -> bool:
 
 
 def _capture_local(model: fx.GraphModule, source: nn.Module) -> list[str]:
-    """Tensors ``model`` reads that the source model does not hold by that name, constants
-    and capture's own modules aside (untied weight copies of a merge)."""
-    return [str(n.target) for n in model.graph.nodes
-            if n.op == "get_attr" and not str(n.target).startswith("_")
+    """Parameters ``model`` reads that the source model does not hold by that name (a merge's
+    untied weight copies)."""
+    return [str(n.target) for n in model.graph.nodes if n.op == "get_attr"
+            and isinstance(resolve_attr(model, str(n.target)), nn.Parameter)
             and not _has(source, str(n.target))]
 
 
