@@ -16,12 +16,10 @@ model, without a cache (every step recomputes the prefix through the graph). ``c
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import difflib
 import functools
 import inspect
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..capture.recapture import SOURCE_KEY, Source, eager_model
 from ..capture.trace import CAPTURE_KEY, capture
 from ..errors import LoraFxError
 from ..graph.attrs import resolve_attr
@@ -47,31 +46,17 @@ CALL_KEY = "lorafx_call"  # gm.meta[CALL_KEY]: Origin
 
 @dataclasses.dataclass
 class Origin:
-    """Where a LoraModel came from: the model captured, its signature, the capture's pattern.
+    """How a LoraModel is called: the original forward's signature, the capture's pattern.
 
-    An injected model holds its model (it shares every tensor of it anyway); a merged one only
-    a weak reference, so that it does not keep the unmerged weights alive.
+    The model itself is not kept: the capture keeps its weightless skeleton
+    (``capture.recapture``), and ``eager_model`` rebuilds it over this module's own tensors
+    (merged, cast, trained) whenever a call needs it again.
     """
 
-    model: nn.Module | None
     signature: inspect.Signature
     pattern: Pattern
     arity: int          # positional arguments the captured graph takes
     name: str           # the model's class name, for messages
-    weak: Any = None    # weakref.ref to the model, when ``model`` is None
-
-    def source(self) -> nn.Module | None:
-        return self.model if self.model is not None else self.weak() if self.weak else None
-
-    def weakened(self) -> Origin:
-        return dataclasses.replace(self, model=None, weak=weakref.ref(self.source()))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "weak": None}  # a weak reference does not pickle: dropped
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Origin:
-        return dataclasses.replace(self, model=copy.deepcopy(self.model, memo),
-                                   pattern=copy.deepcopy(self.pattern, memo))
 
 
 @dataclasses.dataclass
@@ -166,11 +151,12 @@ class LoraModel(PortableGraphModule):
     # --- what PEFT users reach for on the model --------------------------------------------
 
     def origin_model(self, what: str = "this") -> nn.Module:
-        origin = self.meta.get(CALL_KEY)
-        model = origin.source() if isinstance(origin, Origin) else None
+        """The eager model over this module's tensors (a fresh view: ``eager_model``)."""
+        model = eager_model(self)
         if model is None:
-            raise LoraFxError(f"{what} needs the model this graph was captured from, which no "
-                              "longer exists: keep a reference to the model you injected into")
+            raise LoraFxError(f"{what} needs the eager model, which this graph does not keep "
+                              "(it was captured by symbolic_trace or from a graph): call it as "
+                              "captured")
         return model
 
     @property
@@ -191,11 +177,12 @@ class LoraModel(PortableGraphModule):
         return first.device if first is not None else torch.device("cpu")
 
     def can_generate(self) -> bool:
-        model = self.meta.get(CALL_KEY)
-        return isinstance(model, Origin) and callable(getattr(model.source(), "generate", None))
+        source = self.meta.get(SOURCE_KEY)
+        return isinstance(source, Source) and callable(getattr(source.skeleton, "generate", None))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The original model's ``generate`` with every forward run through this model.
+        """The original model's ``generate`` (on a view of it over this module's tensors) with
+        every forward run through this model.
 
         Without a KV cache (``use_cache=False``): each step runs the whole sequence.
         """
@@ -214,11 +201,11 @@ class LoraModel(PortableGraphModule):
 
 
 def _origin_attr(model: LoraModel, name: str) -> Any:
-    origin = model.meta.get(CALL_KEY)
-    source = origin.source() if isinstance(origin, Origin) else None
-    if source is None or not hasattr(source, name):
+    """An attribute of the captured model (its skeleton: no weights are read)."""
+    source = model.meta.get(SOURCE_KEY)
+    if not isinstance(source, Source) or not hasattr(source.skeleton, name):
         raise AttributeError(f"{type(model).__name__} has no attribute {name!r}")
-    return getattr(source, name)
+    return getattr(source.skeleton, name)
 
 
 @contextlib.contextmanager
@@ -236,7 +223,6 @@ def routed(model: nn.Module, through: nn.Module) -> Iterator[None]:
             kwargs.pop("return_dict")  # it returns the model's output object already
         return through(*args, **kwargs)
 
-    forward.lorafx_original = model.forward  # type: ignore[attr-defined]
     model.forward = forward  # type: ignore[method-assign]
     try:
         yield
@@ -257,8 +243,8 @@ def as_model(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple[Any, ..
     new.meta = dict(gm.meta)
     signature = inspect.signature(model.forward)
     call = bind(signature, tuple(example_inputs), {}, type(model).__name__)
-    new.meta[CALL_KEY] = Origin(model, signature, pattern(call, gm.graph),
-                                len(tuple(example_inputs)), type(model).__name__)
+    new.meta[CALL_KEY] = Origin(signature, pattern(call, gm.graph), len(tuple(example_inputs)),
+                                type(model).__name__)
     sign(new)
     new.train(gm.training)
     return new
@@ -266,26 +252,19 @@ def as_model(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple[Any, ..
 
 def like(gm: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """A GraphModule over ``gm``'s attributes and ``graph``, a LoraModel if ``gm`` is one
-    (carrying its origin, weakly: see ``Origin``)."""
+    (carrying its origin)."""
     if not isinstance(gm, LoraModel):
         return graph_module(gm, graph)
     new = LoraModel(gm, graph)
-    origin = gm.meta.get(CALL_KEY)
-    if isinstance(origin, Origin) and origin.source() is not None:
-        new.meta[CALL_KEY] = origin.weakened()  # merged weights are new: no unmerged kept alive
+    new.meta[CALL_KEY] = gm.meta.get(CALL_KEY)
     sign(new)
     return new
 
 
 def recapture(model: LoraModel, origin: Origin, call: Call) -> Variant:
-    """Capture ``origin.model`` again for ``call``'s arguments, with ``model``'s branches and
-    weights (the same tensors)."""
-    source = model.origin_model("calling it with other arguments than its capture's")
+    """Capture the eager model (over ``model``'s tensors) again for ``call``'s arguments, with
+    ``model``'s branches."""
     where = origin.name
-    if isinstance(source, fx.GraphModule):
-        raise LoraFxError(f"{where}: this call does not fit the graph captured (it takes "
-                          f"{_takes(origin.pattern)}), and a captured graph cannot be captured "
-                          "again: inject into the original model")
     tensors = sorted(k for k, v in call.extras.items() if isinstance(v, torch.Tensor))
     if tensors:
         named = [n for n in call.names if n not in ("self",)]
@@ -293,14 +272,15 @@ def recapture(model: LoraModel, origin: Origin, call: Call) -> Variant:
         raise LoraFxError(f"{where}: keyword argument {tensors[0]!r} is a tensor that forward "
                           f"takes only through **kwargs, which a captured graph cannot take: "
                           f"did you mean {' or '.join(close)}?")
-    args = call.leading(defaults(origin.signature))
-    twin = _with_extras(source, dict(call.extras))
+    source = model.origin_model("calling it with other arguments than its capture's")
     state = get_state(model)
     local = _capture_local(model, source)
     if state is None and local:
         raise LoraFxError(f"{where}: the merged model holds weights of its own ({local[0]}, an "
                           "untied copy), so it runs only calls like its capture's "
                           f"({_takes(origin.pattern)}): call it that way, or merge again")
+    args = call.leading(defaults(origin.signature))
+    twin = _with_extras(source, dict(call.extras))
     gm = capture(twin, args) if state is None else _reinject(twin, args, state, where)
     alt = _reroot(gm, model, source)
     return Variant(pattern(call, gm.graph), alt, len(args))
@@ -313,15 +293,12 @@ def _takes(want: Pattern) -> str:
 
 
 def _with_extras(model: nn.Module, extras: dict[str, Any]) -> nn.Module:
-    """``model`` (its submodules and tensors shared) whose forward takes ``extras`` fixed, and
-    is the model's own while ``routed`` sends it through the graph (``generate``)."""
-    forward = model.forward
-    original = getattr(forward, "lorafx_original", None)
-    if not extras and original is None:
+    """``model`` (its submodules and tensors shared) whose forward takes ``extras`` fixed."""
+    if not extras:
         return model
     twin = nn.Module.__new__(type(model))
     twin.__dict__ = dict(model.__dict__)
-    twin.forward = functools.partial(original or forward, **extras)  # type: ignore[method-assign]
+    twin.forward = functools.partial(model.forward, **extras)  # type: ignore[method-assign]
     return twin
 
 

