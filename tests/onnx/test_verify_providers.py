@@ -152,7 +152,8 @@ def test_bf16_model_on_the_cpu_is_reported_unverified_not_a_traceback(
         warnings.simplefilter("always")
         report = lora_fx.export_onnx(gm, (ids,), tmp_path / "b.onnx", dtype="bf16",
                                      providers=["CPUExecutionProvider"])
-    assert "NOT_IMPLEMENTED" in report.extras["verify_skipped"]
+    skipped = report.extras["verify_skipped"]  # ORT's status, or its reason alone
+    assert "NOT_IMPLEMENTED" in skipped or "Could not find an implementation" in skipped
     assert any(issubclass(w.category, LoraFxWarning) and "not verified" in str(w.message)
                for w in caught)
     assert report.path.exists()
