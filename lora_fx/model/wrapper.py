@@ -1,18 +1,19 @@
 """The injected (or merged) model, called like the model it came from.
 
-``inject`` returns a ``LoraModel``: an ``fx.GraphModule`` (every API that takes the graph
-keeps working) whose ``forward`` has the original model's signature. A call is bound to that
-signature (``model.binding``) and runs the captured graph when it fits it; a call with other
-kinds of arguments (``labels=``, ``token_type_ids=``, a fixed axis of another size, ...) runs a
-graph captured again from the original model for those arguments, once, with the same LoRA
-branches and weights (the same tensors: training either trains both). Outputs are the
-model's own (a ``ModelOutput`` with ``.loss`` when the model computes one).
+``inject`` returns a ``LoraModel``: a ``PortableGraphModule`` (every API that takes the graph
+keeps working; ``.to()`` follows) whose ``forward`` has the original model's signature. A call
+is bound to that signature (``model.binding``) and runs the captured graph when it fits it; a
+call with other kinds of arguments (``labels=``, ``token_type_ids=``, a fixed axis of another
+size, ...) runs a graph captured again for those arguments, once, from the eager model over
+this module's own tensors (the capture's weightless skeleton, ``capture.recapture``), with the
+same LoRA branches (the same tensors: training either trains both). Outputs are the model's
+own (a ``ModelOutput`` with ``.loss`` when the model computes one).
 
-``generate()`` runs the original model's ``generate`` with its forward routed through this
-model, without a cache (every step recomputes the prefix through the graph). ``config``,
-``generation_config``, ``main_input_name`` and ``device`` are the original model's.
+``generate()`` runs the eager model's ``generate`` (over this module's tensors) with its forward
+routed through this model, without a cache (every step recomputes the prefix through the
+graph). ``config``, ``generation_config`` and ``main_input_name`` are the model's (its
+skeleton's); ``device`` is where the parameters are.
 """
-
 from __future__ import annotations
 
 import contextlib
