@@ -153,12 +153,7 @@ def verify_kv(report: KvReport, kv: KvModule, reference: nn.Module, atol: float 
         got = sess.run(feeds, adapter)
         want = forward(module, args)
         report.max_abs_diff[name] = torch_max_diff([torch.from_numpy(g) for g in got], want)
-    worst = max(report.max_abs_diff, key=lambda k: report.max_abs_diff[k])
-    if not report.max_abs_diff[worst] <= atol:
-        raise LoraFxError(f"verification failed: max |ONNX Runtime - PyTorch| = "
-                          f"{report.max_abs_diff[worst]:.3g} > {atol:g} ({worst}) on "
-                          f"{report.provider}; the file {report.path} was written, do not "
-                          "deploy it")
+    check_worst(report, atol)
 
 
 def flat_inputs(args: tuple[Any, ...]) -> list[Any]:
@@ -166,3 +161,13 @@ def flat_inputs(args: tuple[Any, ...]) -> list[Any]:
     for a in args:
         out.extend(a if isinstance(a, list) else [a])
     return out
+
+
+def check_worst(report: KvReport, atol: float) -> None:
+    """Refuse the written file when its worst case differs from PyTorch by more than ``atol``."""
+    worst = max(report.max_abs_diff, key=lambda k: report.max_abs_diff[k])
+    if not report.max_abs_diff[worst] <= atol:
+        raise LoraFxError(f"verification failed: max |ONNX Runtime - PyTorch| = "
+                          f"{report.max_abs_diff[worst]:.3g} > {atol:g} ({worst}) on "
+                          f"{report.provider}; the file {report.path} was written, do not "
+                          "deploy it")

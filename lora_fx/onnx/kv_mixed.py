@@ -25,13 +25,12 @@ import torch
 from torch import nn
 
 from ..adapter.peft import Adapter
-from ..errors import LoraFxError
 from ..fileio import check_writable_dir
 from ..ort.adapter_sets import IDS_INPUT, write_ids
 from ..ort.serving import AdapterSession
 from .genai import write_genai_files
 from .kv_cache import BATCH, kv_decoder, name_io, trace_inputs
-from .kv_export import KvReport, flat_inputs
+from .kv_export import KvReport, check_worst, flat_inputs
 from .mixed_batch import MixedBatch, example_ids, mixed_module
 from .mixed_export import batch_of, checked_outputs, mixed_program
 from .report import op_histogram
@@ -92,9 +91,4 @@ def verify_kv_mixed(report: KvReport, mixed: MixedBatch, layout: Any, decode: tu
         got = sess.run(feeds, rows=ids.tolist())
         want = forward(mixed, (*args, ids))
         report.max_abs_diff[name] = torch_max_diff([torch.from_numpy(g) for g in got], want)
-    worst = max(report.max_abs_diff, key=lambda k: report.max_abs_diff[k])
-    if not report.max_abs_diff[worst] <= atol:
-        raise LoraFxError(f"verification failed: max |ONNX Runtime - PyTorch| = "
-                          f"{report.max_abs_diff[worst]:.3g} > {atol:g} ({worst}) on "
-                          f"{report.provider}; the file {report.path} was written, do not "
-                          "deploy it")
+    check_worst(report, atol)
