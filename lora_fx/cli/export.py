@@ -109,8 +109,9 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
     if not mixed_batch:
         raise LoraFxError(f"{len(adapters)} --adapter given: pass --mixed-batch to serve them "
                           "from one graph (an adapter per row), or export one at a time")
-    if dtype != "fp32":
-        raise LoraFxError("--mixed-batch exports fp32 only for now: drop --dtype")
+    if dtype != "fp32" and kv_cache:
+        raise LoraFxError(f"--kv-cache exports fp32 only for now, not --dtype {dtype}: drop "
+                          "--dtype")
     if kv_cache and Path(output).suffix != ".onnx":
         raise LoraFxError(f"--kv-cache writes a folder: pass -o DIR/model.onnx, not {output}")
     named = named_dirs(adapters)
@@ -121,7 +122,7 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
         diff = max(report.max_abs_diff.values(), default=None)
     else:
         report = export_mixed(loaded.module, loaded.example_inputs, named, output, opset=opset,
-                              verify=verify, dynamic_shapes=loaded.dynamic_shapes)
+                              verify=verify, dynamic_shapes=loaded.dynamic_shapes, dtype=dtype)
         diff = report.max_abs_diff
     names = read_ids(report.path) or []
     data: dict[str, Any] = {"output": str(report.path), "mixed_batch": True,
@@ -131,7 +132,10 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
                             "nodes": sum(report.op_histogram.values()),
                             "max_abs_diff": diff, "provider": report.provider,
                             "lora_inputs": report.extras["lora_inputs"] if not kv_cache
-                            else report.lora_inputs, "bytes": os.path.getsize(report.path)}
+                            else report.lora_inputs, "bytes": os.path.getsize(report.path),
+                            "dtype": dtype}
+    if not kv_cache and "error_vs_fp32" in report.extras:
+        data["error_vs_fp32"] = report.extras["error_vs_fp32"]
     if as_json:
         echo_json(data)
         return
@@ -142,3 +146,6 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
     click.echo(f"adapter ids: {data['ids_file']}")
     if diff is not None:
         click.echo(f"verified: max |ONNX Runtime - PyTorch| = {diff:.3g} on {report.provider}")
+    if "error_vs_fp32" in data:
+        errors = ", ".join(f"{k} {v:.3g}" for k, v in data["error_vs_fp32"].items())
+        click.echo(f"{dtype} error against fp32 (max abs): {errors}")

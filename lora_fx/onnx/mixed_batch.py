@@ -150,14 +150,15 @@ def _check_fits(params: Mapping[str, torch.Tensor], state: LoraState, where: str
 
 def mixed_module(model: nn.Module, example_inputs: tuple[Any, ...],
                  adapters: Mapping[str, str | Path | Adapter] | Sequence[str | Path],
-                 dynamic_shapes: Any = None) -> MixedBatch:
+                 dynamic_shapes: Any = None, dtype: str = "fp32") -> MixedBatch:
     """``model`` (the base: a module or a capture without LoRA) with a ``MixedBranch`` at every
-    site any adapter targets, stacked in the adapters' order (id k = k-th adapter)."""
+    site any adapter targets, stacked in the adapters' order (id k = k-th adapter); the stacks
+    computed in fp32 and cast once to ``dtype`` (the model's own weights are left as given)."""
     if get_state(model) is not None:
         raise LoraFxError("mixed-batch export takes the base model, not an injected one: pass "
                           "the model and the adapters (--adapter DIR, repeated)")
     read = read_adapters(adapters)
-    params = [onnx_params(adapter, "fp32", where) for adapter, where in read.values()]
+    params = [onnx_params(adapter, dtype, where) for adapter, where in read.values()]
     sites = sorted({k[: -len(A_SUFFIX)] for p in params for k in p if k.endswith(A_SUFFIX)})
     if not sites:
         raise LoraFxError("the adapters target no site: nothing to export as a mixed batch")

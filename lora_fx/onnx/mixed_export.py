@@ -34,44 +34,70 @@ from ..graph.copy import shallow_copy
 from ..ort.adapter_sets import IDS_INPUT, NAMES_META, write_ids
 from ..passes.state import require_state
 from .mixed_batch import MixedBatch, MixedBranch, example_ids, mixed_module, translation_table
-from .names import A_SUFFIX, B_SUFFIX, RANK_META
+from .names import A_SUFFIX, B_SUFFIX, RANK_META, torch_dtype
+from .prepare import cast_inputs, lowered
 from .report import ExportReport, op_histogram
 from .rules import forget_rewriter_state
 from .save import save_program
 from .trace import to_onnx
 from .unmerged import rename_initializer
-from .verify import forward, verify_file
+from .verify import forward, torch_max_diff, verify_file
 
 
 def export_mixed(model: nn.Module, example_inputs: tuple[Any, ...],
                  adapters: Mapping[str, str | Path | Adapter] | Sequence[str | Path],
                  path: str | Path, opset: int | None = None, verify: bool = True,
                  dynamic_shapes: Any = None, atol: float = 1e-4,
-                 providers: list[str] | None = None) -> ExportReport:
+                 providers: list[str] | None = None, dtype: str | None = None) -> ExportReport:
     """Export base ``model`` with ``adapters`` (id k = k-th; directories named by their
     folder names, or a mapping name → directory / ``Adapter``) as one mixed-batch ONNX file.
 
     Every tensor input's axis 0 is the batch. ``verify``: ONNX Runtime against PyTorch on the
     example inputs with ids ``(i + 1) mod (n + 1)``, after the batch-major check.
-    ``extras``: ``adapters`` (names by id), ``ids_file``, ``lora_inputs`` {site: in, out, r}.
+    ``dtype`` "fp16"/"bf16": the model's weights and the stacks (A[k] = A_kᵀ, B[k] = s_k·B_kᵀ
+    computed in fp32) cast once, the model captured again in that dtype (``prepare.lowered``);
+    verified against the fp32 outputs within ``DTYPE_RTOL[dtype] · max(1, max |y|)``.
+    ``extras``: ``adapters`` (names by id), ``ids_file``, ``lora_inputs`` {site: in, out, r};
+    with ``dtype``: ``dtype`` and ``error_vs_fp32`` {"pytorch": max |Δ|}.
     """
     start = time.perf_counter()
+    dtype = None if dtype == "fp32" else dtype
+    if dtype is not None:
+        torch_dtype(dtype)  # refuses an unknown dtype before any work
     args = tuple(example_inputs)
     mixed = mixed_module(model, args, adapters, dynamic_shapes)
     ids = example_ids(batch_of(args), len(mixed.names) - 1)
     want = checked_outputs(mixed, args, ids) if verify else None
-    program, found = mixed_program(mixed, args, ids, dynamic_shapes, opset)
+    traced, traced_args, extras = (mixed, args, {}) if dtype is None else \
+        lowered_mixed(model, args, adapters, dynamic_shapes, dtype, ids,
+                      want if want is not None else forward(mixed, (*args, ids)))
+    program, found = mixed_program(traced, traced_args, ids, dynamic_shapes, opset)
     _name_inputs(program.model, model, len(args))
     external, layout = save_program(program, Path(path))
     report = ExportReport(Path(path), False, 0.0, external, dict(op_histogram(program.model)),
-                          extras={"adapters": mixed.names, "lora_inputs": found})
+                          extras={"adapters": mixed.names, "lora_inputs": found, **extras})
     del program
     forget_rewriter_state()
     report.extras["ids_file"] = str(write_ids(path, mixed.names))
     if want is not None:
-        verify_file(report, (*args, ids), want, atol, providers, layout=layout)
+        verify_file(report, (*traced_args, ids), want, atol, providers, dtype, layout=layout)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def lowered_mixed(model: nn.Module, args: tuple[Any, ...],
+                  adapters: Mapping[str, str | Path | Adapter] | Sequence[str | Path],
+                  dynamic_shapes: Any, dtype: str, ids: torch.Tensor,
+                  reference: list[torch.Tensor]) -> tuple[MixedBatch, tuple[Any, ...],
+                                                          dict[str, Any]]:
+    """The mixed module of ``model`` cast to ``dtype`` (captured again: ``prepare.lowered``),
+    stacks cast once; returns it, the cast inputs and ``{"dtype", "error_vs_fp32"}``, the
+    error of its outputs on ``(*args, ids)`` against the fp32 ``reference``."""
+    low_args = cast_inputs(args, dtype)
+    low = lowered(model, model, False, dtype, low_args, None, dynamic_shapes)
+    traced = mixed_module(low, low_args, adapters, dynamic_shapes, dtype)
+    error = torch_max_diff(forward(traced, (*low_args, ids)), reference)
+    return traced, low_args, {"dtype": dtype, "error_vs_fp32": {"pytorch": error}}
 
 
 _BATCH = torch.export.Dim("batch")

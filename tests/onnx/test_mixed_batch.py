@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from lora_fx.api import export_mixed
-from lora_fx.errors import LoraFxError
+from lora_fx.errors import LoraFxError, LoraFxWarning
 from lora_fx.ort.adapter_sets import convert_set, ids_file, named_dirs, read_ids, row_ids
 from lora_fx.ort.serving import AdapterSession
 from tests.helpers import peft_pair, run_cli, tiny_gpt2, tiny_llama, token_ids
@@ -317,3 +318,75 @@ def test_cli_export_run_and_convert(gpt2: dict[str, Any], tmp_path: Path) -> Non
     (item,) = json.loads(run.stdout)["runs"]
     want = peft_rows(gpt2["peft"], token_ids(4, 8, seed=3), ["a1", "__base__", "a2", "a1"])
     np.testing.assert_allclose(item["outputs"][0]["head"], want.ravel()[:6], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def gpt2_fp16(gpt2: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    path = tmp_path_factory.mktemp("mixed_fp16") / "m16.onnx"
+    report = export_mixed(gpt2["base"], (token_ids(2, 8),), gpt2["dirs"], path, dtype="fp16")
+    return {**gpt2, "path": path, "report": report}
+
+
+def fp16_close(got: np.ndarray, want: np.ndarray) -> None:
+    """fp16 against PEFT's fp32: within 1e-2 · max(1, max |y|) (fp16 keeps ~3 digits)."""
+    assert got.dtype == np.float16
+    tol = 1e-2 * max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=0, atol=tol)
+
+
+def test_fp16_rows_equal_peft_adapter_names(gpt2_fp16: dict[str, Any]) -> None:
+    """An fp16 file: stacks stored in fp16 (scales folded in fp32 first), rows [base, a1, a2,
+    a1] within fp16's tolerance of PEFT's fp32 adapter_names forward, each row still its own."""
+    m = gpt2_fp16
+    assert m["report"].extras["dtype"] == "fp16" and m["report"].max_abs_diff is not None
+    proto = onnx.load(str(m["path"]))
+    stacks = [i for i in proto.graph.initializer if i.name.endswith((A, B))]
+    assert len(stacks) == 16 and {i.data_type for i in stacks} == {onnx.TensorProto.FLOAT16}
+    x = token_ids(4, 8, seed=5)
+    (got,) = session(m["path"]).run(None, {"input_ids": x.numpy(),
+                                           "adapter_ids": np.array([0, 1, 2, 1])})
+    want = peft_rows(m["peft"], x, ROWS)
+    fp16_close(got, want)
+    assert np.abs(want[1] - want[0]).max() > 0.1  # the rows' adapters matter at this tolerance
+
+
+def test_fp16_set_file_takes_the_models_dtype(gpt2_fp16: dict[str, Any],
+                                              tmp_path: Path) -> None:
+    dirs, out = gpt2_fp16["dirs"], tmp_path / "set16.onnx_adapter"
+    report = convert_set({"b2": dirs["a2"], "b1": dirs["a1"]}, out, model=gpt2_fp16["path"])
+    assert report.dtype == "fp16"
+    sess = AdapterSession(gpt2_fp16["path"], ["CPUExecutionProvider"])
+    sess.load("set", out)
+    x = token_ids(3, 6, seed=4)
+    (got,) = sess.run({"input_ids": x}, adapter="set", rows=["b1", "b2", "__base__"])
+    fp16_close(got, peft_rows(gpt2_fp16["peft"], x, ["a1", "a2", "__base__"]))
+
+
+def test_bf16_stacks_are_bf16(gpt2: dict[str, Any], tmp_path: Path) -> None:
+    """bf16: written with bf16 stacks; verified where ONNX Runtime has bf16 kernels, else
+    reported unverified (its CPU provider has none for Add/Mul)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LoraFxWarning)
+        report = export_mixed(gpt2["base"], (token_ids(2, 8),), gpt2["dirs"],
+                              tmp_path / "m.onnx", dtype="bf16")
+    assert report.extras["error_vs_fp32"]["pytorch"] < 0.05
+    assert report.max_abs_diff is not None or "verify_skipped" in report.extras
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert {i.data_type for i in proto.graph.initializer if i.name.endswith((A, B))} == \
+        {onnx.TensorProto.BFLOAT16}
+
+
+def test_cli_fp16_export_and_kv_refusal(gpt2: dict[str, Any], tmp_path: Path) -> None:
+    hf = tmp_path / "hf"
+    gpt2["base"].save_pretrained(str(hf))
+    dirs = gpt2["dirs"]
+    out = run_cli("export", f"hf:{hf}", "--adapter", f"a1={dirs['a1']}", "--mixed-batch",
+                  "--dtype", "fp16", "-o", str(tmp_path / "m.onnx"), "--json")
+    data = json.loads(out.stdout)
+    assert data["dtype"] == "fp16" and data["error_vs_fp32"]["onnxruntime"] < 0.05
+    proc = run_cli("export", f"hf:{hf}", "--adapter", f"a1={dirs['a1']}", "--mixed-batch",
+                   "--kv-cache", "--dtype", "fp16", "-o", str(tmp_path / "kv" / "model.onnx"),
+                   check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--kv-cache exports fp32 only for now, not --dtype fp16" in proc.stderr
+    assert not (tmp_path / "kv").exists()
