@@ -110,8 +110,13 @@ def cast_module(module: nn.Module, dtype: str) -> nn.Module:
 
 
 def cast_inputs(args: tuple[Any, ...], dtype: str) -> tuple[Any, ...]:
-    """Floating tensor inputs cast to ``dtype``; integer ones (token ids) unchanged."""
+    """Floating tensor inputs cast to ``dtype``, inside lists too (a KV cache); integer ones
+    (token ids, masks) unchanged."""
     target = DTYPES[dtype]
-    return tuple(a.to(target) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                 for a in args)
 
+    def cast(a: Any) -> Any:
+        if isinstance(a, (list, tuple)):
+            return type(a)(cast(x) for x in a)
+        return a.to(target) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+    return tuple(cast(a) for a in args)

@@ -5,6 +5,7 @@ captures and exports without the user editing its config."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -230,3 +231,34 @@ def test_kv_export_refuses_another_models_adapter_and_writes_nothing(
                          str(tmp_path / "kv" / "model.onnx"))
     assert code == 1 and err.count("\n") == 1 and "belongs to another model" in err, err
     assert not (tmp_path / "kv").exists()
+
+
+def test_fp16_kv_export_generates_with_both_engines(folder: dict[str, Any],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`--kv-cache --dtype fp16`: fp16 weights, cache and adapter file, verified against fp32;
+    both engines decode it (the tiny model's greedy tokens are those of the fp32 file); bf16
+    is refused with one line before anything is written."""
+    tmp = folder["tmp"]
+    out = tmp / "kv16" / "model.onnx"
+    proc = run_cli("export", f"hf:{tmp / 'hf'}", "--adapter", str(tmp / "chat"), "--no-merge",
+                   "--kv-cache", "--dtype", "fp16", "-o", str(out), "--json")
+    report = json.loads(proc.stdout)
+    assert report["dtype"] == "fp16" and set(report["tolerance"]) == set(report["max_abs_diff"])
+    assert all(report["max_abs_diff"][k] <= report["tolerance"][k] for k in report["tolerance"])
+    prompt = ["--prompt-ids", "11,12,13,14", "--max-new-tokens", "8", "--json"]
+    want = {}
+    for d, adapter in ((folder["dir"], "chat.onnx_adapter"), (out.parent, "chat.onnx_adapter")):
+        for engine in ENGINES:
+            if engine == "onnxruntime_genai" and importlib.util.find_spec(
+                    "onnxruntime_genai") is None:
+                continue
+            code, text, err = cli(capsys, "generate", str(d), "--adapter", str(d / adapter),
+                                  "--engine", engine, *prompt)
+            assert code == 0, err
+            want.setdefault(engine, []).append(json.loads(text)["tokens"])
+    assert all(fp32 == fp16 for fp32, fp16 in want.values()), want
+    bad = run_cli("export", f"hf:{tmp / 'hf'}", "--kv-cache", "--dtype", "bf16", "-o",
+                  str(tmp / "kvbf" / "model.onnx"), check=False)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "--kv-cache exports fp32 or fp16, not --dtype bf16" in bad.stderr
+    assert not (tmp / "kvbf").exists()

@@ -218,3 +218,52 @@ def test_prompts_of_different_lengths_decode_like_left_padded_generate(
     from lora_fx.ort.genai_decoder import GenaiDecoder
 
     assert GenaiDecoder(folder, "cpu").generate(prompts, 8).tokens == want
+
+
+@pytest.fixture(scope="module")
+def family16(family: dict[str, Any]) -> dict[str, Any]:
+    """The family's decoder exported in fp16, A1 merged and unmerged (its file beside it), and
+    the error PyTorch's own fp16 makes on PEFT's model (the yardstick for ours)."""
+    tmp, name = family["tmp"], family["name"]
+    base = build(name)
+    merged = export_kv(base, tmp / "merged16" / "model.onnx", adapter=tmp / "a1", dtype="fp16")
+    unmerged = export_kv(base, tmp / "unmerged16" / "model.onnx", adapter=tmp / "a1",
+                         merge=False, adapter_name="a1", dtype="fp16")
+    prompts = torch.tensor(family["prompts"])
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp / "a1")).eval()
+    with torch.no_grad():
+        want = pm(prompts).logits
+        half = copy.deepcopy(pm).half()(prompts).logits.float()
+    return {**family, "merged16": merged, "unmerged16": unmerged, "want": want.numpy(),
+            "torch_fp16_error": float((half - want).abs().max())}
+
+
+def test_fp16_files_keep_an_fp16_cache(family16: dict[str, Any]) -> None:
+    import onnx
+
+    for folder in ("merged16", "unmerged16"):
+        report = family16[folder]
+        assert report.dtype == "fp16" and report.limits
+        proto = onnx.load(str(report.path), load_external_data=False)
+        past = [v for v in [*proto.graph.input, *proto.graph.output]
+                if "key" in v.name or "value" in v.name]
+        assert past and {v.type.tensor_type.elem_type for v in past} == \
+            {onnx.TensorProto.FLOAT16}
+    names = [i.name for i in proto.graph.initializer if i.name.endswith(".lora_B.weight")]
+    assert names and all(i.data_type == onnx.TensorProto.FLOAT16
+                         for i in proto.graph.initializer if i.name in names)
+
+
+def test_fp16_prefill_and_greedy_tokens_match_peft(family16: dict[str, Any]) -> None:
+    """fp16 files against PEFT's fp32 model: prefill logits within 4x the error of PyTorch's
+    own fp16 (``.half()`` of the same PEFT model) and the same 16 greedy tokens."""
+    limit = 4 * family16["torch_fp16_error"] + 1e-3
+    for folder, adapter in (("merged16", None), ("unmerged16", "a1.onnx_adapter")):
+        dec = OrtDecoder(Folder.open(family16["tmp"] / folder))
+        name = dec.load_adapter(family16["tmp"] / folder / adapter) if adapter else None
+        logits = dec.step(dec.prefill_feeds(family16["prompts"]), name)[0].numpy()
+        assert logits.dtype == np.float16
+        err = float(np.abs(logits.astype(np.float32) - family16["want"]).max())
+        assert err <= limit, (folder, err, limit)
+        got = dec.generate(family16["prompts"], NEW, adapter=name)
+        assert got.tokens == family16["refs"]["a1"][0], folder
