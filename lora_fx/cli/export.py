@@ -16,6 +16,7 @@ from ..fileio import check_output_file
 from ..load.device import place, resolve_device
 from ..load.model import load_model
 from ..model.adapters import load_adapter
+from ..onnx.kv_export import check_kv_dtype
 from ..ort.adapter_sets import ids_file, named_dirs, read_ids
 from .common import echo_json
 from .export_kv import export_kv_command
@@ -109,16 +110,15 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
     if not mixed_batch:
         raise LoraFxError(f"{len(adapters)} --adapter given: pass --mixed-batch to serve them "
                           "from one graph (an adapter per row), or export one at a time")
-    if dtype != "fp32" and kv_cache:
-        raise LoraFxError(f"--kv-cache exports fp32 only for now, not --dtype {dtype}: drop "
-                          "--dtype")
+    if kv_cache:
+        check_kv_dtype(dtype)
     if kv_cache and Path(output).suffix != ".onnx":
         raise LoraFxError(f"--kv-cache writes a folder: pass -o DIR/model.onnx, not {output}")
     named = named_dirs(adapters)
     loaded = load_model(model)
     if kv_cache:
         report: Any = export_kv_mixed(loaded.module, output, named, opset=opset, verify=verify,
-                                      source=loaded.extras.get("directory"))
+                                      source=loaded.extras.get("directory"), dtype=dtype)
         diff = max(report.max_abs_diff.values(), default=None)
     else:
         report = export_mixed(loaded.module, loaded.example_inputs, named, output, opset=opset,
@@ -136,6 +136,8 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
                             "dtype": dtype}
     if not kv_cache and "error_vs_fp32" in report.extras:
         data["error_vs_fp32"] = report.extras["error_vs_fp32"]
+    if kv_cache and report.limits:
+        data["tolerance"] = max(report.limits.values())
     if as_json:
         echo_json(data)
         return
@@ -145,7 +147,10 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
                f"{data['nodes']} nodes, {data['bytes'] / 1e6:.1f} MB) in {report.seconds:.1f} s")
     click.echo(f"adapter ids: {data['ids_file']}")
     if diff is not None:
-        click.echo(f"verified: max |ONNX Runtime - PyTorch| = {diff:.3g} on {report.provider}")
+        limit = f" ({dtype} against fp32, limit {data['tolerance']:.3g})" \
+            if "tolerance" in data else ""
+        click.echo(f"verified: max |ONNX Runtime - PyTorch| = {diff:.3g} on {report.provider}"
+                   + limit)
     if "error_vs_fp32" in data:
         errors = ", ".join(f"{k} {v:.3g}" for k, v in data["error_vs_fp32"].items())
         click.echo(f"{dtype} error against fp32 (max abs): {errors}")

@@ -11,7 +11,7 @@ import click
 
 from ..errors import LoraFxError
 from ..load.model import load_model
-from ..onnx.kv_export import export_kv
+from ..onnx.kv_export import check_kv_dtype, export_kv
 from .common import echo_json
 
 
@@ -19,9 +19,7 @@ def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: 
                       opset: int | None, verify: bool, dtype: str, as_json: bool) -> None:
     """Export MODEL (a Hugging Face decoder) with its KV cache to ``output`` (DIR/model.onnx),
     with genai_config.json, the tokenizer files and (unmerged) the adapter file beside it."""
-    if dtype not in ("fp32", "fp16"):
-        raise LoraFxError(f"--kv-cache exports fp32 or fp16, not --dtype {dtype}: ONNX Runtime "
-                          "has no bf16 kernels on the CPU to verify such a decoder; use fp16")
+    check_kv_dtype(dtype)
     out = Path(output)
     if out.suffix != ".onnx":
         raise LoraFxError(f"--kv-cache writes a folder: pass -o DIR/model.onnx, not {output}")

@@ -16,7 +16,7 @@ shapes) and a prefill at past 0 with another batch and length; unmerged, the def
 the base model and the adapter file against the adapter.
 
 fp16 (``dtype``): merged or converted in fp32, every weight cast once and the decoder captured
-again in fp16 (``prepare.lowered``), so its KV cache inputs and outputs are fp16, as ONNX
+again in fp16 (``lowered_kv``), so its KV cache inputs and outputs are fp16, as ONNX
 Runtime GenAI's fp16 decoders; verified against the fp32 PyTorch outputs within
 ``DTYPE_RTOL["fp16"] · max(1, max |y|)``. bf16 is refused: ONNX Runtime's CPU provider has no
 bf16 kernels to verify such a decoder with.
@@ -84,9 +84,7 @@ def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter 
     "fp32" or "fp16" (the weights, the cache and the adapter file).
     """
     start = time.perf_counter()
-    if dtype not in ("fp32", "fp16"):
-        raise LoraFxError(f"--kv-cache exports fp32 or fp16, not {dtype}: ONNX Runtime has no "
-                          "bf16 kernels on the CPU to verify such a decoder; use --dtype fp16")
+    check_kv_dtype(dtype)
     path = Path(path)
     kv = kv_decoder(model)
     if not path.parent.exists():  # refused now, created once there is something to write
@@ -118,6 +116,13 @@ def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter 
         verify_kv(report, kv, prep.reference, atol, providers)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def check_kv_dtype(dtype: str) -> None:
+    """Refuse a KV-cache dtype other than fp32 and fp16, with why."""
+    if dtype not in ("fp32", "fp16"):
+        raise LoraFxError(f"--kv-cache exports fp32 or fp16, not --dtype {dtype}: ONNX Runtime "
+                          "has no bf16 kernels on the CPU to verify such a decoder; use fp16")
 
 
 def kv_program(gm: nn.Module, kv: KvModule, merge: bool, opset: int | None,
@@ -188,17 +193,26 @@ def verify_kv(report: KvReport, kv: KvModule, reference: nn.Module, atol: float 
         sess.load("exported", report.adapter_file)  # type: ignore[arg-type]
         checks += [("decode+adapter", kv.example_inputs, reference, "exported"),
                    ("prefill+adapter", prefill, reference, "exported")]
-    low = report.dtype != "fp32"
     for name, args, module, adapter in checks:
-        fed = cast_inputs(args, report.dtype) if low else args
-        feeds = dict(zip(kv.layout.input_names(), flat_inputs(fed), strict=True))
-        got = sess.run(feeds, adapter)
-        want = forward(module, args)
-        report.max_abs_diff[name] = torch_max_diff([torch.from_numpy(g) for g in got], want)
-        if low:
-            scale = max((float(w.abs().max()) for w in want if w.numel()), default=1.0)
-            report.limits[name] = max(atol, DTYPE_RTOL[report.dtype] * max(1.0, scale))
+        got = sess.run(feeds_of(report, kv.layout, args), adapter)
+        record(report, name, got, forward(module, args), atol)
     check_worst(report, atol)
+
+
+def feeds_of(report: KvReport, layout: Any, args: tuple[Any, ...]) -> dict[str, Any]:
+    """The file's feeds for the fp32 example ``args``: named, flat, cast to its dtype."""
+    fed = args if report.dtype == "fp32" else cast_inputs(args, report.dtype)
+    return dict(zip(layout.input_names(), flat_inputs(fed), strict=True))
+
+
+def record(report: KvReport, name: str, got: list[Any], want: list[torch.Tensor],
+           atol: float) -> None:
+    """max |ONNX Runtime − PyTorch fp32| of check ``name``; an fp16 file's limit is
+    ``DTYPE_RTOL["fp16"] · max(1, max |y|)`` (at least ``atol``)."""
+    report.max_abs_diff[name] = torch_max_diff([torch.from_numpy(g) for g in got], want)
+    if report.dtype != "fp32":
+        scale = max((float(w.abs().max()) for w in want if w.numel()), default=1.0)
+        report.limits[name] = max(atol, DTYPE_RTOL[report.dtype] * max(1.0, scale))
 
 
 def flat_inputs(args: tuple[Any, ...]) -> list[Any]:

@@ -10,7 +10,9 @@ KV-cache export, and ``model.adapter_ids.json``; ONNX Runtime GenAI cannot feed
 ``adapter_ids``, so ``lorafx generate`` decodes it with its onnxruntime loop.
 
 Verification (ONNX Runtime against the PyTorch graph, rows on different adapters): a decode
-step at past 3 (the traced shapes) and a prefill at past 0 with another length.
+step at past 3 (the traced shapes) and a prefill at past 0 with another length. fp16: the
+decoder cast and wrapped again, the stacks cast once, checked against fp32 as in
+``onnx.kv_export``.
 """
 
 from __future__ import annotations
@@ -30,23 +32,26 @@ from ..ort.adapter_sets import IDS_INPUT, write_ids
 from ..ort.serving import AdapterSession
 from .genai import write_genai_files
 from .kv_cache import BATCH, kv_decoder, name_io, trace_inputs
-from .kv_export import KvReport, check_worst, flat_inputs
+from .kv_export import KvReport, check_kv_dtype, check_worst, feeds_of, record
 from .mixed_batch import MixedBatch, example_ids, mixed_module
 from .mixed_export import batch_of, checked_outputs, mixed_program
+from .prepare import cast_inputs, cast_module
 from .report import op_histogram
 from .save import save_program
-from .verify import forward, torch_max_diff
+from .verify import forward
 
 
 def export_kv_mixed(model: nn.Module, path: str | Path,
                     adapters: Mapping[str, str | Path | Adapter] | Sequence[str | Path],
                     opset: int | None = None, verify: bool = True, atol: float = 1e-4,
                     providers: list[str] | None = None,
-                    source: str | Path | None = None) -> KvReport:
+                    source: str | Path | None = None, dtype: str = "fp32") -> KvReport:
     """Export the Hugging Face decoder ``model`` with its KV cache and ``adapters`` (id k =
     k-th; 0 = the base model) chosen per row by ``adapter_ids``, to ``path`` (DIR/model.onnx)
-    with GenAI's config, the tokenizer files of ``source`` and ``model.adapter_ids.json``."""
+    with GenAI's config, the tokenizer files of ``source`` and ``model.adapter_ids.json``;
+    ``dtype`` "fp32" or "fp16"."""
     start = time.perf_counter()
+    check_kv_dtype(dtype)
     path = Path(path)
     if not path.parent.exists():  # refused now, created once there is something to write
         check_writable_dir(path.parent.parent.resolve())
@@ -55,13 +60,18 @@ def export_kv_mixed(model: nn.Module, path: str | Path,
     ids = example_ids(batch_of(kv.example_inputs), len(mixed.names) - 1)
     if verify:
         checked_outputs(mixed, kv.example_inputs, ids)
-    program, found = mixed_program(mixed, kv.example_inputs, ids, kv.dynamic_shapes, opset)
+    traced, args = mixed, kv.example_inputs
+    if dtype != "fp32":  # the wrapper calls the decoder it was built on: wrap the cast one
+        args = cast_inputs(kv.example_inputs, dtype)
+        traced = mixed_module(kv_decoder(cast_module(model, dtype)).wrapper, args, adapters,
+                              kv.dynamic_shapes, dtype)
+    program, found = mixed_program(traced, args, ids, kv.dynamic_shapes, opset)
     name_io(program.model, kv.layout)
     _name_ids(program.model, len(kv.layout.input_names()))
     path.parent.mkdir(exist_ok=True)
     external, _ = save_program(program, path)
     report = KvReport(path, False, kv.layout, dict(op_histogram(program.model)), external,
-                      lora_inputs=found)
+                      lora_inputs=found, dtype=dtype)
     del program
     report.copied = write_genai_files(path.parent, kv.layout, path.name, source)
     write_ids(path, mixed.names)
@@ -87,8 +97,6 @@ def verify_kv_mixed(report: KvReport, mixed: MixedBatch, layout: Any, decode: tu
     report.provider = sess.provider
     prefill, _ = trace_inputs(layout, seed=1, batch=len(ids), seq=5, past=0)
     for name, args in (("decode", decode), ("prefill", prefill)):
-        feeds = dict(zip(layout.input_names(), flat_inputs(args), strict=True))
-        got = sess.run(feeds, rows=ids.tolist())
-        want = forward(mixed, (*args, ids))
-        report.max_abs_diff[name] = torch_max_diff([torch.from_numpy(g) for g in got], want)
+        got = sess.run(feeds_of(report, layout, args), rows=ids.tolist())
+        record(report, name, got, forward(mixed, (*args, ids)), atol)
     check_worst(report, atol)

@@ -94,3 +94,21 @@ def test_cli_export_and_generate(llama: dict[str, Any], tmp_path: Path) -> None:
                   "--max-new-tokens", "2", "--engine", "onnxruntime", check=False)
     assert bad.returncode == 1 and "2 adapters given for a batch of 4 rows" in bad.stderr
     assert bad.stderr.count("\n") == 1
+
+
+def test_fp16_rows_decode_like_peft_generate(llama: dict[str, Any], tmp_path: Path) -> None:
+    """`--kv-cache --mixed-batch --dtype fp16`: fp16 cache and stacks, verified against fp32
+    within 1e-2 · max(1, max |y|); each row still decodes PEFT's fp32 tokens with its adapter."""
+    import onnx
+
+    report = export_kv_mixed(llama["base"], tmp_path / "kv16" / "model.onnx", llama["dirs"],
+                             dtype="fp16")
+    assert report.dtype == "fp16" and set(report.limits) == set(report.max_abs_diff)
+    assert all(report.max_abs_diff[k] <= report.limits[k] for k in report.limits)
+    proto = onnx.load(str(report.path), load_external_data=False)
+    floats = {v.type.tensor_type.elem_type for v in proto.graph.input
+              if v.name.startswith("past_key_values") or v.name.endswith(".weight")}
+    assert floats == {onnx.TensorProto.FLOAT16}
+    got = open_decoder(tmp_path / "kv16", "onnxruntime").generate(PROMPTS, NEW, rows=ROWS).tokens
+    for g, w in zip(got, llama["want"], strict=True):
+        assert g == w[: len(g)] and (len(g) == len(w) or g[-1] == 0)

@@ -376,7 +376,7 @@ def test_bf16_stacks_are_bf16(gpt2: dict[str, Any], tmp_path: Path) -> None:
         {onnx.TensorProto.BFLOAT16}
 
 
-def test_cli_fp16_export_and_kv_refusal(gpt2: dict[str, Any], tmp_path: Path) -> None:
+def test_cli_fp16_export_and_kv_bf16_refusal(gpt2: dict[str, Any], tmp_path: Path) -> None:
     hf = tmp_path / "hf"
     gpt2["base"].save_pretrained(str(hf))
     dirs = gpt2["dirs"]
@@ -385,8 +385,8 @@ def test_cli_fp16_export_and_kv_refusal(gpt2: dict[str, Any], tmp_path: Path) ->
     data = json.loads(out.stdout)
     assert data["dtype"] == "fp16" and data["error_vs_fp32"]["onnxruntime"] < 0.05
     proc = run_cli("export", f"hf:{hf}", "--adapter", f"a1={dirs['a1']}", "--mixed-batch",
-                   "--kv-cache", "--dtype", "fp16", "-o", str(tmp_path / "kv" / "model.onnx"),
+                   "--kv-cache", "--dtype", "bf16", "-o", str(tmp_path / "kv" / "model.onnx"),
                    check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "--kv-cache exports fp32 only for now, not --dtype fp16" in proc.stderr
+    assert "--kv-cache exports fp32 or fp16, not --dtype bf16" in proc.stderr
     assert not (tmp_path / "kv").exists()
