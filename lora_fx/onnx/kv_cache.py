@@ -19,6 +19,7 @@ outputs ``logits``, ``present.{i}.key`` / ``.value``.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,7 +177,9 @@ class KvDecoder(nn.Module):
 
     The model's children are registered here under their own names (so ``model.layers.0.
     self_attn.q_proj`` is a path of this module, as of the model) and the model itself is kept
-    unregistered, to call its forward.
+    unregistered, to call its forward. The forward runs over *this* module's children: a
+    copy-on-write edit of the wrapper (``set_attr_cow``, ``cast_module``) replaces them here
+    only, so the decoder is then called as a shallow copy holding them (``_current``).
     """
 
     def __init__(self, module: nn.Module, layout: DecoderLayout) -> None:
@@ -198,7 +201,7 @@ class KvDecoder(nn.Module):
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              position_ids: torch.Tensor | None, past: list[torch.Tensor]
              ) -> tuple[torch.Tensor, ...]:
-        decoder: nn.Module = self.decoder  # type: ignore[assignment]
+        decoder = self._current()
         cache = self.cache_cls(config=decoder.config)
         for i in range(self.layout.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
@@ -214,6 +217,21 @@ class KvDecoder(nn.Module):
         for layer in present.layers:
             flat += [layer.keys, layer.values]
         return tuple(flat)
+
+
+    def _current(self) -> nn.Module:
+        """The decoder with this wrapper's children, parameters and buffers: itself while they
+        are its own, else a shallow copy holding them."""
+        decoder: nn.Module = self.decoder  # type: ignore[assignment]
+        slots = ("_modules", "_parameters", "_buffers")
+        pairs: list[tuple[dict[str, Any], dict[str, Any]]] = [
+            (getattr(decoder, slot), getattr(self, slot)) for slot in slots]
+        if all(theirs.get(k) is v for theirs, ours in pairs for k, v in ours.items()):
+            return decoder
+        view = copy.copy(decoder)
+        for slot, (theirs, ours) in zip(slots, pairs, strict=True):
+            object.__setattr__(view, slot, {**theirs, **ours})
+        return view
 
 
 class KvDecoderNoPositions(KvDecoder):

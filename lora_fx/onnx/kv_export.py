@@ -144,8 +144,8 @@ def kv_program(gm: nn.Module, kv: KvModule, merge: bool, opset: int | None,
 
 def lowered_kv(prep: Prepared, gm: nn.Module, kv: KvModule, dtype: str) -> Prepared:
     """``prep`` (fp32) in ``dtype``: the decoder cast once (``prepare.cast_module``), W' = W +
-    s·B@A of a merged export carried over from fp32 and cast, wrapped again (``kv_decoder``:
-    the wrapper calls the decoder it was built on) and captured, or an unmerged export's
+    s·B@A of a merged export carried over from fp32 and cast, wrapped again (``kv_decoder``,
+    its layout probed in ``dtype``) and captured, or an unmerged export's
     adapter applied again to the cast decoder; the fp32 reference is kept."""
     low = cast_module(kv.wrapper.decoder, dtype)  # type: ignore[arg-type]
     args = cast_inputs(kv.example_inputs, dtype)

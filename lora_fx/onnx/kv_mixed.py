@@ -61,7 +61,7 @@ def export_kv_mixed(model: nn.Module, path: str | Path,
     if verify:
         checked_outputs(mixed, kv.example_inputs, ids)
     traced, args = mixed, kv.example_inputs
-    if dtype != "fp32":  # the wrapper calls the decoder it was built on: wrap the cast one
+    if dtype != "fp32":  # the cast decoder wrapped anew: its layout probed in fp16
         args = cast_inputs(kv.example_inputs, dtype)
         traced = mixed_module(kv_decoder(cast_module(model, dtype)).wrapper, args, adapters,
                               kv.dynamic_shapes, dtype)

@@ -267,3 +267,22 @@ def test_fp16_prefill_and_greedy_tokens_match_peft(family16: dict[str, Any]) -> 
         assert err <= limit, (folder, err, limit)
         got = dec.generate(family16["prompts"], NEW, adapter=name)
         assert got.tokens == family16["refs"]["a1"][0], folder
+
+
+def test_a_copy_on_write_edit_of_the_wrapper_reaches_the_decoder() -> None:
+    """The wrapper calls its HF decoder over its own children: cast copy-on-write (the user's
+    model untouched), it computes as the cast decoder wrapped anew, in fp16, bit for bit."""
+    from lora_fx.onnx.kv_cache import kv_decoder
+    from lora_fx.onnx.prepare import cast_inputs, cast_module
+
+    base = build("llama")
+    kv = kv_decoder(base)
+    args = cast_inputs(kv.example_inputs, "fp16")
+    with torch.no_grad():
+        got = cast_module(kv.wrapper, "fp16")(*args)
+        want = kv_decoder(cast_module(base, "fp16")).wrapper(*args)
+        fp32 = kv.wrapper(*kv.example_inputs)
+    assert got[0].dtype == torch.float16 and fp32[0].dtype == torch.float32
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    assert next(base.parameters()).dtype == torch.float32
