@@ -15,8 +15,8 @@ Verification (ONNX Runtime against the PyTorch graph): a decode step at past 3 (
 shapes) and a prefill at past 0 with another batch and length; unmerged, the defaults against
 the base model and the adapter file against the adapter.
 
-fp16 (``dtype``): merged or converted in fp32, every weight cast once and the decoder captured
-again in fp16 (``lowered_kv``), so its KV cache inputs and outputs are fp16, as ONNX
+fp16 (``dtype``): merged or converted in fp32, every weight cast once and the wrapper captured
+again in fp16 (``prepare.lowered``), so its KV cache inputs and outputs are fp16, as ONNX
 Runtime GenAI's fp16 decoders; verified against the fp32 PyTorch outputs within
 ``DTYPE_RTOL["fp16"] · max(1, max |y|)``. bf16 is refused: ONNX Runtime's CPU provider has no
 bf16 kernels to verify such a decoder with.
@@ -46,11 +46,11 @@ from ..passes.state import get_state
 from .export import trace
 from .genai import write_genai_files
 from .kv_cache import KvModule, kv_decoder, name_io, trace_inputs
-from .names import A_SUFFIX, B_SUFFIX, DTYPE_RTOL, torch_dtype
-from .prepare import Prepared, cast_inputs, cast_module, prepare
+from .names import A_SUFFIX, B_SUFFIX, DTYPE_RTOL
+from .prepare import Prepared, cast_inputs, prepare
 from .report import op_histogram
 from .save import save_program
-from .unmerged import branch_paths, deploy_module
+from .unmerged import branch_paths
 from .verify import forward, torch_max_diff
 
 
@@ -129,40 +129,17 @@ def kv_program(gm: nn.Module, kv: KvModule, merge: bool, opset: int | None,
                dtype: str = "fp32") -> tuple[Prepared, Any, dict[str, dict[str, int]]]:
     """The export's stages 1-2 (``onnx.export``) for ``gm``, a capture of ``kv.wrapper`` (maybe
     injected): merged (the capture's own program reused, its axes already dynamic), or
-    unmerged with zero adapter defaults; fp16: ``kv.wrapper`` cast and captured again.
+    unmerged with zero adapter defaults; fp16: ``kv.wrapper`` cast and captured again
+    (``prepare.lowered``; the wrapper calls its decoder over its own, cast, children).
     Returns (the prepared modules, the ONNXProgram, the unmerged file's LoRA inputs)."""
-    prep = prepare(gm, kv.example_inputs, merge, None, None, kv.dynamic_shapes, inplace=False)
-    if dtype != "fp32":
-        prep = lowered_kv(prep, gm, kv, dtype)
+    prep = prepare(gm, kv.example_inputs, merge, dtype, kv.wrapper, kv.dynamic_shapes,
+                   inplace=False)
     if prep.unmerged:
         zero_defaults(prep.module)
     reuse = prep.dtype is None and not prep.unmerged and \
         captured_program(prep.module) is not None
     program, extras = trace(prep, None if reuse else kv.dynamic_shapes, opset, release=False)
     return prep, program, extras.get("lora_inputs", {})
-
-
-def lowered_kv(prep: Prepared, gm: nn.Module, kv: KvModule, dtype: str) -> Prepared:
-    """``prep`` (fp32) in ``dtype``: the decoder cast once (``prepare.cast_module``), W' = W +
-    s·B@A of a merged export carried over from fp32 and cast, wrapped again (``kv_decoder``,
-    its layout probed in ``dtype``) and captured, or an unmerged export's
-    adapter applied again to the cast decoder; the fp32 reference is kept."""
-    low = cast_module(kv.wrapper.decoder, dtype)  # type: ignore[arg-type]
-    args = cast_inputs(kv.example_inputs, dtype)
-    state = get_state(gm)
-    if state is not None and not prep.unmerged:
-        for rec in state.sites.values():  # the wrapper's paths are the decoder's
-            weight = prep.module.get_parameter(rec.weight).detach().to(torch_dtype(dtype))
-            set_attr_cow(low, rec.weight, nn.Parameter(weight, requires_grad=False))
-        for name in state.saved:
-            set_attr_cow(low, name, cast_module(gm.get_submodule(name), dtype))
-    wrapper = kv_decoder(low).wrapper
-    if prep.unmerged:
-        injected = apply_adapter(wrapper, args, to_adapter(gm), kv.dynamic_shapes)
-        module = deploy_module(injected, source=gm, dtype=torch_dtype(dtype))
-    else:
-        module = capture(wrapper, args, kv.dynamic_shapes, method="export")
-    return Prepared(prep.reference, module, args, prep.unmerged, dtype)
 
 
 def zero_defaults(deploy: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ KV-cache export, and ``model.adapter_ids.json``; ONNX Runtime GenAI cannot feed
 
 Verification (ONNX Runtime against the PyTorch graph, rows on different adapters): a decode
 step at past 3 (the traced shapes) and a prefill at past 0 with another length. fp16: the
-decoder cast and wrapped again, the stacks cast once, checked against fp32 as in
+wrapper cast (copy-on-write), the stacks cast once, checked against fp32 as in
 ``onnx.kv_export``.
 """
 
@@ -61,9 +61,9 @@ def export_kv_mixed(model: nn.Module, path: str | Path,
     if verify:
         checked_outputs(mixed, kv.example_inputs, ids)
     traced, args = mixed, kv.example_inputs
-    if dtype != "fp32":  # the cast decoder wrapped anew: its layout probed in fp16
+    if dtype != "fp32":
         args = cast_inputs(kv.example_inputs, dtype)
-        traced = mixed_module(kv_decoder(cast_module(model, dtype)).wrapper, args, adapters,
+        traced = mixed_module(cast_module(kv.wrapper, dtype), args, adapters,
                               kv.dynamic_shapes, dtype)
     program, found = mixed_program(traced, args, ids, kv.dynamic_shapes, opset)
     name_io(program.model, kv.layout)
