@@ -235,6 +235,23 @@ def check_merged_onnx(gm: nn.Module, base: nn.Module, inputs: tuple[Any, ...],
     return {"onnx_merged": merged, "onnx_base": plain, "onnx_got": got}
 
 
+def saved_and_checked(base: nn.Module, inputs: tuple[Any, ...], config: dict[str, Any],
+                      seed: int, out: Path) -> dict[str, Any]:
+    """``base`` injected with ``config``, A and B random (``seed``, scale 0.3), saved to
+    out/adapter and loaded by PEFT; PEFT's output is the reference the merged ONNX must equal
+    (``check_merged_onnx``). Returns gm, peft, want and the ONNX results."""
+    import peft  # the reference implementation (tests only)
+
+    gm = lora_fx.inject(base, inputs, lora_fx.LoraConfig(**config))
+    randomize_lora(gm, seed=seed, scale=0.3)
+    lora_fx.save_adapter(gm, out / "adapter")
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), out / "adapter").eval()
+    with torch.no_grad():
+        want = ref(*inputs)
+    onnx = check_merged_onnx(gm, lora_fx.capture(base, inputs), inputs, want, out)
+    return {"gm": gm, "peft": ref, "want": want, **onnx}
+
+
 # --- the CLI and the file system -------------------------------------------------------------
 def run_cli(*args: str | Path, cwd: Path | None = None, check: bool = True,
             timeout: float = 600) -> subprocess.CompletedProcess[str]:

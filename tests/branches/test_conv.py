@@ -18,7 +18,7 @@ from torch import nn
 import lora_fx
 from lora_fx.errors import LoraFxError
 from lora_fx.match.peft_reach import peft_reachable
-from tests.helpers import check_merged_onnx, factors, lora_scale, randomize_lora
+from tests.helpers import factors, lora_scale, randomize_lora, saved_and_checked
 
 
 class CNN(nn.Module):
@@ -48,15 +48,9 @@ X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 def cnn(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = CNN().eval()
     cfg = dict(r=2, lora_alpha=5, target_modules=TARGETS)
-    gm = lora_fx.inject(base, (X,), lora_fx.LoraConfig(**cfg))
-    randomize_lora(gm, seed=4, scale=0.3)
     out = tmp_path_factory.mktemp("conv")
-    lora_fx.save_adapter(gm, out / "adapter")
-    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), out / "adapter").eval()
-    with torch.no_grad():
-        want = ref(X)
-    onnx = check_merged_onnx(gm, lora_fx.capture(base, (X,)), (X,), want, out)
-    return {"base": base, "gm": gm, "cfg": cfg, "peft": ref, "want": want, "dir": out, **onnx}
+    return {"base": base, "cfg": cfg, "dir": out,
+            **saved_and_checked(base, (X,), cfg, seed=4, out=out)}
 
 
 def test_conv_sites_and_peft_layout(cnn: dict[str, Any]) -> None:

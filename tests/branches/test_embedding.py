@@ -15,7 +15,7 @@ from torch import nn
 
 import lora_fx
 from lora_fx.errors import LoraFxError
-from tests.helpers import check_merged_onnx, randomize_lora
+from tests.helpers import saved_and_checked
 
 
 class Tagger(nn.Module):
@@ -40,15 +40,8 @@ CFG = dict(r=3, lora_alpha=6, target_modules=["tok", "pos", "head"])
 @pytest.fixture(scope="module")
 def tagger(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = Tagger().eval()
-    gm = lora_fx.inject(base, (IDS,), lora_fx.LoraConfig(**CFG))
-    randomize_lora(gm, seed=8, scale=0.3)
     out = tmp_path_factory.mktemp("emb")
-    lora_fx.save_adapter(gm, out / "adapter")
-    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), out / "adapter").eval()
-    with torch.no_grad():
-        want = ref(IDS)
-    onnx = check_merged_onnx(gm, lora_fx.capture(base, (IDS,)), (IDS,), want, out)
-    return {"model": base, "gm": gm, "peft": ref, "want": want, "dir": out, **onnx}
+    return {"model": base, "dir": out, **saved_and_checked(base, (IDS,), CFG, seed=8, out=out)}
 
 
 def test_embedding_keys_are_peft_keys(tagger: dict[str, Any]) -> None:
