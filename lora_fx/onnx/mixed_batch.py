@@ -39,7 +39,7 @@ from ..model.inject import inject
 from ..ort.adapter_sets import BASE, check_names, stack_factors
 from ..ort.adapters import onnx_params
 from ..passes.state import LoraState, get_state, require_state
-from .names import A_SUFFIX, B_SUFFIX
+from .names import A_SUFFIX, B_SUFFIX, torch_dtype
 
 
 @torch.library.custom_op("lorafx::mixed_lora_delta", mutates_args=())
@@ -157,6 +157,12 @@ def mixed_module(model: nn.Module, example_inputs: tuple[Any, ...],
     if get_state(model) is not None:
         raise LoraFxError("mixed-batch export takes the base model, not an injected one: pass "
                           "the model and the adapters (--adapter DIR, repeated)")
+    found = {str(t.dtype).removeprefix("torch.") for t in model.parameters()
+             if t.is_floating_point()} - {str(torch_dtype(dtype)).removeprefix("torch.")}
+    if found:
+        raise LoraFxError(f"the model's weights are {', '.join(sorted(found))}, not {dtype}: "
+                          "pass the fp32 model (dtype='fp16' / --dtype fp16 casts once, after "
+                          "the scales are folded in fp32)")
     read = read_adapters(adapters)
     params = [onnx_params(adapter, dtype, where) for adapter, where in read.values()]
     sites = sorted({k[: -len(A_SUFFIX)] for p in params for k in p if k.endswith(A_SUFFIX)})

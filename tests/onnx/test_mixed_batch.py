@@ -253,6 +253,14 @@ def test_adapter_names_are_checked(gpt2: dict[str, Any], names: list[str], reaso
                      [(tmp_path / n / ".." / n) for n in names], tmp_path / "m.onnx")
 
 
+def test_a_half_precision_model_is_refused_with_the_way_out(gpt2: dict[str, Any],
+                                                            tmp_path: Path) -> None:
+    half = copy.deepcopy(gpt2["base"]).to(torch.float16)
+    with pytest.raises(LoraFxError, match="weights are float16, not fp32: pass the fp32 model"):
+        export_mixed(half, (token_ids(2, 8),), gpt2["dirs"], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_a_batch_of_one_is_refused(gpt2: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(LoraFxError, match="batch >= 2"):
         export_mixed(gpt2["base"], (token_ids(1, 8),), gpt2["dirs"], tmp_path / "m.onnx")
