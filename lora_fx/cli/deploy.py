@@ -130,14 +130,15 @@ def parse_spec(spec: str, type_name: str, shape: list[Any], dim: int,
                           "file or a JSON list") from err
 
 
-def _default_spec(shape: list[Any], dim: int) -> str:
-    dims = [d if isinstance(d, int) and d > 0 else dim for d in shape]
+def _default_spec(shape: list[Any], dim: int, sizes: dict[str, int]) -> str:
+    dims = [d if isinstance(d, int) and d > 0 else sizes.get(str(d), dim) for d in shape]
     return "rand:" + "x".join(map(str, dims)) if dims else "rand:1"
 
 
 def build_inputs(session: Any, specs: tuple[str, ...], dim: int,
                  seed: int) -> dict[str, np.ndarray]:
-    """Every model input, from ``NAME=SPEC`` items or random (symbolic axes = ``dim``)."""
+    """Every model input, from ``NAME=SPEC`` items or random: a symbolic axis takes the size
+    it has in a given input (attention_mask follows input_ids), else ``dim``."""
     declared = {i.name: i for i in session.get_inputs()}
     given: dict[str, str] = {}
     for item in specs:
@@ -147,11 +148,16 @@ def build_inputs(session: Any, specs: tuple[str, ...], dim: int,
                               f"{some(declared, name)}")
         given[name] = spec
     rng = np.random.default_rng(seed)
-    out = {}
+    out = {name: parse_spec(spec, declared[name].type, list(declared[name].shape), dim, rng)
+           for name, spec in given.items()}
+    sizes = {axis: int(size) for name, arr in out.items()  # a wrong rank is ORT's to refuse
+             for axis, size in zip(declared[name].shape, arr.shape, strict=False)
+             if isinstance(axis, str)}
     for name, info in declared.items():
-        spec = given.get(name) or _default_spec(list(info.shape), dim)
-        out[name] = parse_spec(spec, info.type, list(info.shape), dim, rng)
-    return out
+        if name not in out:
+            spec = _default_spec(list(info.shape), dim, sizes)
+            out[name] = parse_spec(spec, info.type, list(info.shape), dim, rng)
+    return {name: out[name] for name in declared}
 
 
 def _summary(name: str, arr: np.ndarray) -> dict[str, Any]:
@@ -189,7 +195,8 @@ _PROVIDERS = {"auto": None, "cpu": ["CPUExecutionProvider"],
 @click.option("--repeat", type=int, default=10, show_default=True, help="Timed runs.")
 @click.option("--warmup", type=int, default=2, show_default=True)
 @click.option("--dim", type=int, default=4, show_default=True,
-              help="Size of every symbolic axis of inputs not given.")
+              help="Size of a symbolic axis of inputs not given (unless a given input "
+                   "has that axis: then its size).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")

@@ -306,6 +306,10 @@ def test_cli_export_run_and_convert(gpt2: dict[str, Any], tmp_path: Path) -> Non
     (item,) = json.loads(run.stdout)["runs"]
     want = peft_rows(gpt2["peft"], token_ids(4, 8, seed=3), ROWS)
     assert item["adapter_ids"] == [0, 1, 2, 1]
+    alone = run_cli("run", str(model), "--adapter-ids", ",".join(ROWS), "-i",
+                    f"input_ids={ids}", "--repeat", "1", "--warmup", "0", "--json")
+    (same,) = json.loads(alone.stdout)["runs"]  # attention_mask follows input_ids: 4 x 8
+    assert same["outputs"][0]["shape"][:2] == [4, 8]
     np.testing.assert_allclose(item["outputs"][0]["head"], want.ravel()[:6], atol=1e-4)
     for bad, reason in (("0,1,5,1", "adapter id 5 is outside [0, 2]"),
                         ("a1,a2", "2 adapters given for a batch of 4 rows")):
