@@ -9,10 +9,12 @@ this module's own tensors (the capture's weightless skeleton, ``capture.recaptur
 same LoRA branches (the same tensors: training either trains both). Outputs are the model's
 own (a ``ModelOutput`` with ``.loss`` when the model computes one).
 
-``generate()`` runs the eager model's ``generate`` (over this module's tensors) with its forward
-routed through this model, without a cache (every step recomputes the prefix through the
-graph). ``config``, ``generation_config`` and ``main_input_name`` are the model's (its
-skeleton's); ``device`` is where the parameters are.
+``generate()`` runs the eager model's ``generate`` (over this module's tensors) with its KV
+cache, each branch a forward hook on the module it wraps (``eager_lora``); where a branch has
+no such module (a functional site, DoRA) its forward is routed through this model instead,
+without a cache (every step recomputes the prefix through the graph). ``config``,
+``generation_config`` and ``main_input_name`` are the model's (its skeleton's); ``device`` is
+where the parameters are.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from ..passes.runner import run_pass
 from ..passes.state import BRANCH_ROOT, STATE_KEY, LoraState, get_state
 from ..passes.variant_hooks import variant_hooks_pass
 from .binding import Call, Pattern, TensorSlot, bind, defaults, fits, pattern
+from .eager_lora import hooked, plan_hooks
 from .plan import plan
 from .saving import save_adapter
 from .tied import realias, unalias
@@ -182,16 +185,22 @@ class LoraModel(PortableGraphModule):
         return isinstance(source, Source) and callable(getattr(source.skeleton, "generate", None))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The original model's ``generate`` (on a view of it over this module's tensors) with
-        every forward run through this model.
+        """The original model's ``generate`` (on a view of it over this module's tensors)
+        computing this model's function.
 
-        Without a KV cache (``use_cache=False``): each step runs the whole sequence.
+        With its KV cache where every branch hooks onto the module it wraps
+        (``eager_lora.plan_hooks``); otherwise each forward runs through this model's graph
+        without a cache (each step runs the whole sequence).
         """
         model = self.origin_model("generate()")
         generate = getattr(model, "generate", None)
         if not callable(generate):
             raise LoraFxError(f"{type(model).__name__} has no generate(): only causal and "
                               "seq2seq language models generate")
+        hooks = plan_hooks(self, model)
+        if hooks is not None:
+            with hooked(hooks):
+                return generate(*args, **kwargs)
         kwargs["use_cache"] = False
         with routed(model, self):
             return generate(*args, **kwargs)

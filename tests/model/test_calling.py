@@ -123,6 +123,48 @@ def test_generate_gives_peft_tokens(family: str) -> None:
     assert torch.equal(merged.generate(prompt, **kw), theirs)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generate_runs_with_the_kv_cache(family: str) -> None:
+    """Every branch hooks onto the module it wraps, so HF's generate keeps its cache (a
+    returned past_key_values) and still gives PEFT's tokens, injected and merged."""
+    base, gm, pm = _inject(family)
+    prompt = _ids(2, 5, seed=8)
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+              pad_token_id=0, use_cache=True, return_dict_in_generate=True)
+    theirs = pm.generate(input_ids=prompt, **kw)
+    for model in (gm, lora_fx.merge(gm)):
+        ours = model.generate(prompt, **kw)
+        assert ours.past_key_values is not None and ours.past_key_values.get_seq_length() == 12
+        assert torch.equal(ours.sequences, theirs.sequences)
+
+
+@pytest.mark.parametrize("extra", [{"modules_to_save": ["lm_head"]}, {"use_dora": True}])
+def test_generate_of_a_peft_adapter_gives_peft_tokens(extra: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+    """A trained PEFT adapter (A, B, and the head copy or DoRA's m moved off their init)
+    loaded by lorafx generates PEFT's tokens; with the cache where the branches hook onto
+    modules (plain LoRA), through the graph without one where they do not (DoRA reads W)."""
+    import peft
+
+    base = _llama()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **extra))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2 * (p.abs().mean() + 0.1))
+    pm.save_pretrained(str(tmp_path / "a"))
+    gm = lora_fx.load_adapter(base, (_ids(),), tmp_path / "a")
+    prompt = _ids(2, 5, seed=9)
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+              pad_token_id=0, use_cache=True, return_dict_in_generate=True)
+    ours, theirs = gm.generate(prompt, **kw), pm.eval().generate(input_ids=prompt, **kw)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert not torch.equal(ours.sequences, base.generate(prompt, **kw).sequences)
+    assert (ours.past_key_values is None) == bool(extra.get("use_dora"))
+
+
 def test_merged_model_is_called_like_the_model() -> None:
     base, gm, pm = _inject("llama")
     merged = lora_fx.merge(gm)
