@@ -23,9 +23,10 @@ def auto_dynamic(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def widened(example_inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """``example_inputs`` with batch 2 (each tensor repeated along axis 0) when every tensor
-    input has batch 1; None when there is nothing to widen."""
-    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
-    if not tensors or any(t.dim() == 0 or t.shape[0] != 1 for t in tensors):
+    input but scalars (a loss's ``num_items_in_batch``, kept as they are) has batch 1; None
+    when there is nothing to widen."""
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not tensors or any(t.shape[0] != 1 for t in tensors):
         return None
-    return tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) else t
+    return tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
                  for t in example_inputs)

@@ -6,15 +6,16 @@ is bound to that signature (``model.binding``) and runs the captured graph when 
 call with other kinds of arguments (``labels=``, ``token_type_ids=``, a fixed axis of another
 size, ...) runs a graph captured again for those arguments, once, from the eager model over
 this module's own tensors (the capture's weightless skeleton, ``capture.recapture``), with the
-same LoRA branches (the same tensors: training either trains both). Outputs are the model's
-own (a ``ModelOutput`` with ``.loss`` when the model computes one).
+same LoRA branches (the same tensors: training either trains both); tensors the forward takes
+through ``**kwargs`` (Trainer's ``num_items_in_batch``) are inputs of that graph. Outputs are
+the model's own (a ``ModelOutput`` with ``.loss`` when the model computes one).
 
 ``generate()`` runs the eager model's ``generate`` (over this module's tensors) with its KV
 cache, each branch a forward hook on the module it wraps (``eager_lora``); where a branch has
 no such module (a functional site, DoRA) its forward is routed through this model instead,
 without a cache (every step recomputes the prefix through the graph). ``config``,
-``generation_config`` and ``main_input_name`` are the model's (its skeleton's); ``device`` is
-where the parameters are.
+``generation_config``, ``main_input_name`` and ``loss_type`` are the model's (its skeleton's);
+``device`` is where the parameters are.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,10 @@ class Variant:
     pattern: Pattern
     module: fx.GraphModule
     arity: int
+    tensors: tuple[str, ...] = ()  # ``**kwargs`` tensors it takes after the positional ones
+
+    def __call__(self, call: Call) -> Any:
+        return self.module(*call.values[: self.arity], *(call.extras[n] for n in self.tensors))
 
 
 def _dispatching_forward() -> Callable[..., Any]:
@@ -99,9 +105,6 @@ class LoraModel(PortableGraphModule):
     keyword arguments as the original ``forward`` takes them.
     """
 
-    # transformers.Trainer: no ``num_items_in_batch`` (a tensor through **kwargs, which a graph
-    # cannot take); Trainer then scales the loss for gradient accumulation itself
-    accepts_loss_kwargs = False
     graph_forward: Callable[..., Any]  # the graph's generated code, set by recompile
 
     def recompile(self) -> Any:
@@ -150,7 +153,7 @@ class LoraModel(PortableGraphModule):
             variant = recapture(self, origin, call)
             variants.append(variant)
         variant.module.train(self.training)
-        return variant.module(*call.values[: variant.arity])
+        return variant(call)
 
     # --- what PEFT users reach for on the model --------------------------------------------
 
@@ -174,6 +177,10 @@ class LoraModel(PortableGraphModule):
     @property
     def main_input_name(self) -> Any:
         return _origin_attr(self, "main_input_name")
+
+    @property
+    def loss_type(self) -> Any:  # Trainer: whether labels are shifted (num_items_in_batch)
+        return _origin_attr(self, "loss_type")
 
     @property
     def device(self) -> torch.device:
@@ -275,13 +282,14 @@ def recapture(model: LoraModel, origin: Origin, call: Call) -> Variant:
     """Capture the eager model (over ``model``'s tensors) again for ``call``'s arguments, with
     ``model``'s branches."""
     where = origin.name
-    tensors = sorted(k for k, v in call.extras.items() if isinstance(v, torch.Tensor))
-    if tensors:
+    unknown = [k for k, v in call.extras.items()
+               if isinstance(v, torch.Tensor) and not _declared(origin.signature, k)]
+    if unknown:
         named = [n for n in call.names if n not in ("self",)]
-        close = difflib.get_close_matches(tensors[0], named, 3, 0.3) or named[:3]
-        raise LoraFxError(f"{where}: keyword argument {tensors[0]!r} is a tensor that forward "
-                          f"takes only through **kwargs, which a captured graph cannot take: "
-                          f"did you mean {' or '.join(close)}?")
+        close = difflib.get_close_matches(unknown[0], named, 3, 0.3) or named[:3]
+        raise LoraFxError(f"{where}: keyword argument {unknown[0]!r} is a tensor that forward "
+                          f"does not name (its **kwargs would drop it): did you mean "
+                          f"{' or '.join(close)}?")
     source = model.origin_model("calling it with other arguments than its capture's")
     state = get_state(model)
     local = _capture_local(model, source)
@@ -290,10 +298,30 @@ def recapture(model: LoraModel, origin: Origin, call: Call) -> Variant:
                           "untied copy), so it runs only calls like its capture's "
                           f"({_takes(origin.pattern)}): call it that way, or merge again")
     args = call.leading(defaults(origin.signature))
-    twin = _with_extras(source, dict(call.extras))
-    gm = capture(twin, args) if state is None else _reinject(twin, args, state, where)
+    tensors = tuple(k for k, v in call.extras.items() if isinstance(v, torch.Tensor))
+    twin = _with_extras(source, dict(call.extras), len(args), tensors)
+    inputs = (*args, *(call.extras[n] for n in tensors))
+    gm = capture(twin, inputs) if state is None else _reinject(twin, inputs, state, where)
     alt = _reroot(gm, model, source)
-    return Variant(pattern(call, gm.graph), alt, len(args))
+    return Variant(pattern(call, gm.graph), alt, len(args), tensors)
+
+
+def _declared(signature: inspect.Signature, name: str) -> bool:
+    """Whether ``forward`` reads ``name``: a keyword-only parameter, or a key of the TypedDict
+    its ``**kwargs: Unpack[...]`` declares (HF's TransformersKwargs: ``num_items_in_batch``,
+    ...); any name where ``**kwargs`` is untyped."""
+    param = signature.parameters.get(name)
+    if param is not None:
+        return True
+    var = next((p for p in signature.parameters.values()
+                if p.kind == inspect.Parameter.VAR_KEYWORD), None)
+    if var is None:
+        return False
+    args = typing.get_args(var.annotation) if typing.get_origin(var.annotation) is \
+        typing.Unpack else ()
+    if not args or not typing.is_typeddict(args[0]):
+        return True
+    return name in args[0].__required_keys__ | args[0].__optional_keys__
 
 
 def _takes(want: Pattern) -> str:
@@ -302,13 +330,25 @@ def _takes(want: Pattern) -> str:
                      if any(isinstance(x, TensorSlot) for x in slots)) or "no tensors"
 
 
-def _with_extras(model: nn.Module, extras: dict[str, Any]) -> nn.Module:
-    """``model`` (its submodules and tensors shared) whose forward takes ``extras`` fixed."""
+def _with_extras(model: nn.Module, extras: dict[str, Any], arity: int,
+                 tensors: tuple[str, ...]) -> nn.Module:
+    """``model`` (its submodules and tensors shared) whose forward takes ``arity`` positional
+    arguments, then the ``**kwargs`` tensors named ``tensors`` positionally (the graph's
+    inputs: Trainer's ``num_items_in_batch``), and every other extra fixed."""
     if not extras:
         return model
+    fixed = {k: v for k, v in extras.items() if k not in tensors}
+
+    def forward(*args: Any) -> Any:
+        return model.forward(*args[:arity], **fixed, **dict(zip(tensors, args[arity:],
+                                                                strict=True)))
+
+    names = [*inspect.signature(model.forward).parameters][:arity] + list(tensors)
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in names])
     twin = nn.Module.__new__(type(model))
     twin.__dict__ = dict(model.__dict__)
-    twin.forward = functools.partial(model.forward, **extras)  # type: ignore[method-assign]
+    twin.forward = forward  # type: ignore[method-assign]
     return twin
 
 

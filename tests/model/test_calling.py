@@ -213,3 +213,35 @@ def test_trainer_trains_the_injected_model_with_plain_arguments(tmp_path: Path) 
     ids = _ids(2, 8, seed=9)
     torch.testing.assert_close(gm.eval()(input_ids=ids).logits, pm(input_ids=ids).logits,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_gradient_accumulation_gives_peft_weights(tmp_path: Path) -> None:
+    """With gradient accumulation Trainer passes ``num_items_in_batch`` (a tensor, through
+    **kwargs) so the loss is summed over the accumulated batch's tokens, not averaged per
+    micro-batch; lorafx takes it as a graph input, so plain SGD on micro-batches with unequal
+    numbers of labelled tokens ends at PEFT's weights (and logs PEFT's losses)."""
+    pytest.importorskip("accelerate")
+    base, gm, pm = _inject("llama")
+    g = torch.Generator().manual_seed(5)
+    data = []
+    for i in torch.randint(1, 97, (16, 8), generator=g):
+        labels = i.clone()
+        labels[: int(torch.randint(0, 7, (), generator=g))] = -100  # unequal counts per row
+        data.append({"input_ids": i, "attention_mask": torch.ones(8, dtype=torch.long),
+                     "labels": labels})
+    trained = []
+    for model in (gm.train(), pm.train()):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(len(trained))), max_steps=3, seed=0,
+            per_device_train_batch_size=2, gradient_accumulation_steps=2, optim="sgd",
+            learning_rate=0.5, report_to="none", use_cpu=True, logging_steps=1)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        trained.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert trained[0] == pytest.approx(trained[1], rel=1e-5)
+    theirs = dict(pm.named_parameters())
+    for name, b in lora_fx.branches(gm).items():
+        for f in ("lora_A", "lora_B"):
+            want = theirs[f"base_model.model.{name}.{f}.default.weight"]
+            torch.testing.assert_close(getattr(b, f).weight, want, atol=1e-6, rtol=1e-5)
+
