@@ -1,14 +1,14 @@
 """The graph's LoRA on the eager model: each branch as a forward hook on the module it wraps.
 
 A site that is a call of a leaf module M (nn.Linear, HF Conv1D, nn.Embedding, nn.ConvNd) of
-the eager model, with a branch that reads M's input alone (plain LoRA; an embedding's also
-reads M's output for its dtype), is computed in the graph as y = M(x) + Δ(x). A forward hook
-on M returning ``out + branch(x)`` makes the eager model compute that same function with the
-graph's own branch modules (the same tensors: PEFT's wrapped layer, without wrapping). This
-lets callers use what the eager model has and the captured graph does not: HF ``generate()``
-with its KV cache. Variants whose branch reads more (DoRA: y, W, b) or sites that are not a
-module's call (``x @ W.T`` in model code, a tied weight used functionally) have no such hook:
-:func:`lora_hooks` returns None for a graph that has one.
+the eager model is computed in the graph as y = M(x) + Δ, where Δ reads x, and perhaps y (an
+embedding's dtype; DoRA) and M's own weight and bias (DoRA). A forward hook on M returning
+``out + branch(x[, out, M.weight, M.bias])`` makes the eager model compute that same function
+with the graph's own branch modules (the same tensors: PEFT's wrapped layer, without
+wrapping). This lets callers use what the eager model has and the captured graph does not:
+HF ``generate()`` with its KV cache. A site that is not a module's call (``x @ W.T`` in model
+code, a tied weight read by another module) has no such hook: :func:`plan_hooks` returns None
+for a graph that has one.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from torch import fx, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..branches.base import LoraBranch
-from ..passes.state import NODE_KEY, get_state
+from ..passes.state import NODE_KEY, SiteRecord, get_state
 
 LEAVES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-Hook = tuple[nn.Module, LoraBranch, bool]  # (module M, its branch, branch reads M's output)
+Hook = tuple[nn.Module, LoraBranch, int]  # (module M, its branch, how many of x, y, W, b)
 
 
 def _is_leaf(module: nn.Module) -> bool:
@@ -38,12 +38,33 @@ def _innermost(node: fx.Node) -> str | None:
     return next(reversed(stack.values()))[0] if stack else None
 
 
-def _hookable(name: str, deltas: list[fx.Node], module: nn.Module | None) -> bool:
-    """Every use of site ``name`` is Δ(x) (embedding: Δ(x, y)) of a call of leaf ``module``."""
-    if module is None or not _is_leaf(module) or not deltas:
-        return False
-    arity = 2 if isinstance(module, nn.Embedding) else 1
-    return all(len(d.args) == arity and not d.kwargs and _innermost(d) == name for d in deltas)
+def _reads(branch_args: tuple[Any, ...], rec: SiteRecord, name: str) -> int | None:
+    """How many of (x, y, W, b) a delta node passes: 1 (x), 2 (x, y: an embedding's dtype)
+    or 4 (DoRA: W and b the site's own parameters); None for anything else."""
+    if len(branch_args) in (1, 2):
+        return len(branch_args)
+    if len(branch_args) != 4:
+        return None
+    w, b = branch_args[2], branch_args[3]
+    own_w = isinstance(w, fx.Node) and w.op == "get_attr" and w.target == rec.weight
+    own_b = b is None or (isinstance(b, fx.Node) and b.op == "get_attr"
+                          and b.target == f"{name}.bias")
+    return 4 if own_w and own_b else None
+
+
+def _hook_of(gm: fx.GraphModule, rec: SiteRecord, name: str, deltas: list[fx.Node],
+             module: nn.Module | None) -> Hook | None:
+    """The hook for site ``name`` if every use of it is Δ of a call of leaf ``module`` reading
+    only the call's input, output and ``module``'s own weight and bias."""
+    if module is None or not _is_leaf(module) or not deltas or \
+            getattr(module, "weight", None) is not gm.get_parameter(rec.weight):
+        return None
+    reads = {_reads(d.args, rec, name) for d in deltas}
+    n = reads.pop() if len(reads) == 1 else None
+    if n is None or any(d.kwargs or _innermost(d) != name for d in deltas):
+        return None
+    branch = gm.get_submodule(rec.branch)
+    return (module, branch, n) if isinstance(branch, LoraBranch) else None
 
 
 def plan_hooks(gm: fx.GraphModule, model: nn.Module) -> list[Hook] | None:
@@ -60,29 +81,30 @@ def plan_hooks(gm: fx.GraphModule, model: nn.Module) -> list[Hook] | None:
     modules = dict(model.named_modules(remove_duplicate=False))
     hooks: list[Hook] = []
     for name, rec in state.sites.items():
-        module, branch = modules.get(name), gm.get_submodule(rec.branch)
-        if not isinstance(branch, LoraBranch) or not _hookable(name, deltas.get(name, []),
-                                                              module):
+        hook = _hook_of(gm, rec, name, deltas.get(name, []), modules.get(name))
+        if hook is None:
             return None
-        assert module is not None
-        hooks.append((module, branch, isinstance(module, nn.Embedding)))
+        hooks.append(hook)
     return hooks
 
 
 @contextlib.contextmanager
 def hooked(hooks: list[Hook]) -> Iterator[None]:
-    """Inside the block each hook's module returns M(x) + branch(x) (branch(x, M(x)))."""
+    """Inside the block each hook's module M returns M(x) + Δ, Δ = branch(x), branch(x, M(x))
+    or branch(x, M(x), M.weight, M.bias) as its delta nodes read."""
     handles: list[RemovableHandle] = []
 
-    def add(branch: LoraBranch, reads_out: bool) -> Any:
+    def add(module: nn.Module, branch: LoraBranch, reads: int) -> Any:
         def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
             x = args[0] if args else next(iter(kwargs.values()))
-            return out + (branch(x, out) if reads_out else branch(x))
+            given = (x, out, module.weight, getattr(module, "bias", None))[:reads]
+            return out + branch(*given)
         return hook
 
     try:
-        for module, branch, reads_out in hooks:
-            handles.append(module.register_forward_hook(add(branch, reads_out), with_kwargs=True))
+        for module, branch, reads in hooks:
+            handles.append(module.register_forward_hook(add(module, branch, reads),
+                                                        with_kwargs=True))
         yield
     finally:
         for handle in handles:

@@ -12,7 +12,7 @@ the model's own (a ``ModelOutput`` with ``.loss`` when the model computes one).
 
 ``generate()`` runs the eager model's ``generate`` (over this module's tensors) with its KV
 cache, each branch a forward hook on the module it wraps (``eager_lora``); where a branch has
-no such module (a functional site, DoRA) its forward is routed through this model instead,
+no such module (a functional site) its forward is routed through this model instead,
 without a cache (every step recomputes the prefix through the graph). ``config``,
 ``generation_config``, ``main_input_name`` and ``loss_type`` are the model's (its skeleton's);
 ``device`` is where the parameters are.

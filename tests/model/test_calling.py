@@ -142,8 +142,8 @@ def test_generate_runs_with_the_kv_cache(family: str) -> None:
 def test_generate_of_a_peft_adapter_gives_peft_tokens(extra: dict[str, Any],
                                                       tmp_path: Path) -> None:
     """A trained PEFT adapter (A, B, and the head copy or DoRA's m moved off their init)
-    loaded by lorafx generates PEFT's tokens; with the cache where the branches hook onto
-    modules (plain LoRA), through the graph without one where they do not (DoRA reads W)."""
+    loaded by lorafx generates PEFT's tokens with the cache (DoRA's branch hooks on with the
+    module's W and b)."""
     import peft
 
     base = _llama()
@@ -162,7 +162,46 @@ def test_generate_of_a_peft_adapter_gives_peft_tokens(extra: dict[str, Any],
     ours, theirs = gm.generate(prompt, **kw), pm.eval().generate(input_ids=prompt, **kw)
     assert torch.equal(ours.sequences, theirs.sequences)
     assert not torch.equal(ours.sequences, base.generate(prompt, **kw).sequences)
-    assert (ours.past_key_values is None) == bool(extra.get("use_dora"))
+    assert ours.past_key_values is not None
+
+
+def test_generate_without_hooks_runs_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a branch has no module to hook onto, generate() runs each step through the graph
+    without a cache, and still gives PEFT's tokens."""
+    from lora_fx.model import wrapper
+
+    base, gm, pm = _inject("llama")
+    monkeypatch.setattr(wrapper, "plan_hooks", lambda *_: None)
+    prompt = _ids(2, 5, seed=7)
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+              pad_token_id=0, use_cache=True, return_dict_in_generate=True)
+    ours, theirs = gm.generate(prompt, **kw), pm.generate(input_ids=prompt, **kw)
+    assert ours.past_key_values is None and torch.equal(ours.sequences, theirs.sequences)
+    assert "forward" not in base.__dict__
+
+
+def test_a_functional_site_has_no_hook() -> None:
+    """x @ W.T in model code is a site with no module to hook onto: plan_hooks says so."""
+    from lora_fx.model.eager_lora import plan_hooks
+
+    class Proj(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4))
+            self.lin = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x @ self.w.T)
+
+    from lora_fx.capture.trace import capture
+
+    x = torch.randn(2, 3, 4)
+    model = capture(Proj(), (x,), method="export")  # keeps the eager model, as HF captures do
+    only_lin = lora_fx.inject(model, (x,), lora_fx.LoraConfig(r=2, target_modules=["lin"]))
+    both = lora_fx.inject(model, (x,), lora_fx.LoraConfig(r=2, target_modules=["lin", "w"]))
+    assert set(lora_fx.branches(both)) == {"lin", "w"}
+    assert plan_hooks(only_lin, only_lin.origin_model()) is not None
+    assert plan_hooks(both, both.origin_model()) is None
 
 
 def test_merged_model_is_called_like_the_model() -> None:
