@@ -138,6 +138,19 @@ def test_generate_runs_with_the_kv_cache(family: str) -> None:
         assert torch.equal(ours.sequences, theirs.sequences)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generate_after_a_cast_gives_peft_tokens(family: str) -> None:
+    """``.to(torch.bfloat16)``: the hooked branches run in the cast model as PEFT's layers do
+    (fp32 factors cast to bf16 with the model), so the bf16 tokens are PEFT's bf16 tokens."""
+    base, gm, pm = _inject(family)
+    gm.to(torch.bfloat16)
+    pm.to(torch.bfloat16)
+    prompt = _ids(2, 5, seed=7)
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+              pad_token_id=0, use_cache=True)
+    assert torch.equal(gm.generate(prompt, **kw), pm.generate(input_ids=prompt, **kw))
+
+
 @pytest.mark.parametrize("extra", [{"modules_to_save": ["lm_head"]}, {"use_dora": True}])
 def test_generate_of_a_peft_adapter_gives_peft_tokens(extra: dict[str, Any],
                                                       tmp_path: Path) -> None:
