@@ -17,7 +17,9 @@ k = 1, 4, 16 at batch 16, the same tokens run as
 - ``split k``: the unmerged export (one session) run k times, once per adapter
   (``RunOptions.add_active_adapter``), each on its 16/k rows: what a server does without
   mixed batches;
-- ``merged``: one adapter folded into the weights, one run of 16 rows: the floor.
+- ``merged``: one adapter folded into the weights, one run of 16 rows: the floor;
+- ``merged in k runs``: the merged model over the same k row groups, one run each: what
+  splitting the batch alone costs or saves on this machine, with no LoRA work at all.
 
 Targets: mixed / split <= 1 for k >= 4, mixed / merged <= 1.3. Before timing, every mixed
 row is checked against its adapter's split run (max |Δ| <= 1e-4).
@@ -137,6 +139,7 @@ def model_cases(files: dict[str, Any], seq: int, vocab: int, providers: list[str
             "mixed": lambda m=mixed, r=rows: m.run({"input_ids": x}, rows=r),
             "split": lambda p=parts: [unmerged.run({"input_ids": xs}, n) for n, xs in p],
             "merged": lambda: merged.run({"input_ids": x}),
+            "merged split": lambda p=parts: [merged.run({"input_ids": xs}) for _, xs in p],
         }
     return out
 
@@ -254,6 +257,9 @@ def run(quick: bool, reps: int, seq: int | None = None, kind: str = "gpt2",
                                    note=note))
             rows.append(common.row("mixed batch", s.name, f"mixed k={k}", "merged", t["mixed"],
                                    t["merged"], target="<= 1.3", note=note))
+            if k > 1:  # what splitting the batch alone does on this machine, without LoRA
+                rows.append(common.row("mixed batch", s.name, f"merged in {k} runs", "merged",
+                                       t["merged split"], t["merged"], note=note))
     for form_seq in ((16, 1) if quick else (64, 1)):
         for distinct in (4, 16):
             calls = form_sessions(form_seq, distinct, providers)

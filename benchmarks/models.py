@@ -57,7 +57,7 @@ def build(s: Spec, seed: int = 0) -> nn.Module:
 
         return LlamaForCausalLM(LlamaConfig(
             num_hidden_layers=s.layers, hidden_size=s.hidden, num_attention_heads=s.heads,
-            num_key_value_heads=max(1, s.heads // 3), intermediate_size=s.hidden * 8 // 3,
+            num_key_value_heads=kv_heads(s.heads), intermediate_size=s.hidden * 8 // 3,
             vocab_size=s.vocab, max_position_embeddings=1024, use_cache=False,
             tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
     if s.kind == "bert":
@@ -69,6 +69,12 @@ def build(s: Spec, seed: int = 0) -> nn.Module:
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
             add_pooling_layer=False).eval()
     raise ValueError(s.kind)
+
+
+def kv_heads(heads: int) -> int:
+    """Grouped-query attention's key/value heads: the largest divisor of ``heads`` that is at
+    most a third of it (4 of 12, 16 of 64), 1 for small ``heads``."""
+    return max(d for d in range(1, max(1, heads // 3) + 1) if heads % d == 0)
 
 
 def ids(s: Spec, batch: int, seq: int, seed: int = 1) -> torch.Tensor:
