@@ -12,8 +12,10 @@ before anything is timed. At each context length C (128 and 512 tokens, batch 1)
 - ``prefill``: the C-token prompt through the model (with the cache: past 0);
 - ``decode``: one new token after C. With the cache: one step at past C (lorafx's onnxruntime
   loop, and ORT GenAI's generator); without: the no-cache file over all C + t tokens again, as
-  generation without a cache must; PEFT: eager ``generate()`` with its DynamicCache, per token
-  (``generate`` of 1 + N tokens minus that of 1, over N).
+  generation without a cache must; PEFT, and lorafx's ``LoraModel.generate()`` (the adapter
+  loaded with ``lora_fx.load_adapter``, its tokens checked equal to PEFT's first): eager
+  ``generate()`` with its DynamicCache, per token (``generate`` of 1 + N tokens minus that of
+  1, over N).
 
 Each figure is per token (decode) or per prompt (prefill), the median over interleaved repeats;
 ratios are case / baseline (lower is better). Targets: decode with the cache <= 0.2 of the
@@ -150,8 +152,9 @@ def nocache_case(path: Path, prompt: list[int], steps: int) -> Callable[[], tupl
     return run
 
 
-def peft_case(pm: Any, prompt: list[int], steps: int) -> Callable[[], tuple[float, float]]:
-    """(prefill, decode per token) of PEFT's eager generate() with its cache."""
+def eager_case(pm: Any, prompt: list[int], steps: int) -> Callable[[], tuple[float, float]]:
+    """(prefill, decode per token) of an eager generate() with its cache (PEFT's, or a
+    lorafx LoraModel's)."""
     import torch
 
     ids = torch.tensor([prompt])
@@ -160,7 +163,7 @@ def peft_case(pm: Any, prompt: list[int], steps: int) -> Callable[[], tuple[floa
         start = common.now()
         with torch.no_grad():
             pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                        min_new_tokens=n, do_sample=False)
+                        min_new_tokens=n, do_sample=False, use_cache=True)
         return common.now() - start
 
     def run() -> tuple[float, float]:
@@ -221,6 +224,16 @@ def check(files: dict[str, Path], pm: Any, model: Any, prompt: list[int]) -> dic
     return out
 
 
+def same_tokens(gm: Any, pm: Any, prompt: list[int], steps: int) -> None:
+    """lorafx's eager generate() gives PEFT's greedy tokens (else nothing is timed)."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False)
+    ours, theirs = gm.generate(ids, **kw), pm.generate(input_ids=ids, **kw)
+    assert torch.equal(ours, theirs), "lorafx generate() differs from PEFT's"
+
+
 def measure(cases: dict[str, Callable[[], tuple[float, float]]], reps: int
             ) -> dict[str, tuple[list[float], list[float]]]:
     """Interleaved repeats after one warm-up: case → (prefill times, decode times)."""
@@ -257,6 +270,12 @@ def rows_for(context: int, times: dict[str, tuple[list[float], list[float]]], mo
         rows.append(common.row(SUITE, model, "decode kv merged (ort genai)",
                                "decode peft generate", decode["genai"], decode["peft"],
                                target="<= 1.0", note=note))
+    rows.append(common.row(SUITE, model, "decode lorafx generate (torch)",
+                           "decode peft generate", decode["lorafx"], decode["peft"],
+                           note=note))
+    rows.append(common.row(SUITE, model, "prefill lorafx generate (torch)",
+                           "prefill peft generate", prefill["lorafx"], prefill["peft"],
+                           note=note))
     rows.append(common.row(SUITE, model, "prefill kv merged (ort)", "prefill peft generate",
                            prefill["kv merged"], prefill["peft"], note=note))
     rows.append(common.row(SUITE, model, "prefill kv unmerged+adapter (ort)",
@@ -277,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_torch()
     import torch
 
+    import lora_fx
+
     contexts = [16, 32] if args.quick else [128, 512]
     reps = args.reps or (2 if args.quick else 5)
     steps = args.steps or (4 if args.quick else 16)
@@ -290,15 +311,18 @@ def main(argv: list[str] | None = None) -> int:
         vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (2, 8), generator=g)
         files = export_files(model, pm, out / "adapter", out, ids)
+        gm = lora_fx.load_adapter(model, (ids,), out / "adapter")
         for context in contexts:
             prompt = torch.randint(0, vocab, (context,), generator=g).tolist()
             diffs = check(files, pm, model, prompt)
+            same_tokens(gm, pm, prompt, steps)
             print(f"context {context}: max |ORT - PEFT| prefill logits {diffs}", file=sys.stderr)
             cases = {"kv merged": kv_case(*kv_decoder(files["merged"], False), prompt, steps),
                      "kv unmerged": kv_case(*kv_decoder(files["unmerged"], True), prompt,
                                             steps),
                      "no cache": nocache_case(files["nocache"], prompt, steps),
-                     "peft": peft_case(pm, prompt, steps)}
+                     "peft": eager_case(pm, prompt, steps),
+                     "lorafx": eager_case(gm, prompt, steps)}
             genai = genai_case(files["merged"].parent, prompt, steps)
             if genai is not None:
                 cases["genai"] = genai
