@@ -42,14 +42,27 @@ def transposed(node: Any) -> Any | None:
 
 
 def cow_child(parent: nn.Module, name: str) -> nn.Module:
-    """Replace ``parent.name`` by a shallow copy with its own child/param/buffer dicts."""
+    """Replace ``parent.name`` by a shallow copy with its own child/param/buffer dicts, and
+    hook dicts (a hook registered on the copy must not reach the original)."""
     child = parent.get_submodule(name)
     twin = copy.copy(child)
     twin._modules = dict(child._modules)
     twin._parameters = dict(child._parameters)
     twin._buffers = dict(child._buffers)
+    for key, value in vars(child).items():
+        if "hook" in key and isinstance(value, dict):
+            twin.__dict__[key] = type(value)(value)
     parent._modules[name] = twin
     return twin
+
+
+def cow_module(root: nn.Module, path: str) -> nn.Module:
+    """``root.<path>`` after it and every module above it became copies of their own
+    (``cow_child``): safe to change (register hooks on) without touching shared modules."""
+    mod = root
+    for name in path.split("."):
+        mod = cow_child(mod, name)
+    return mod
 
 
 def set_attr_cow(root: nn.Module, path: str, value: Any) -> None:

@@ -90,6 +90,26 @@ def bind(signature: inspect.Signature, args: tuple[Any, ...], kwargs: Mapping[st
     return Call(tuple(names), tuple(values), extras)
 
 
+def stateful(call: Call) -> str | None:
+    """The first argument of ``call`` that no captured graph takes or gives back: an object
+    that is neither a tensor nor a constant (a KV cache), or ``use_cache=True`` (which asks
+    the model to return one); None when there is none."""
+    for name, value in call.arguments().items():
+        if (name == "use_cache" and value is True) or _opaque(value):
+            return name
+    return None
+
+
+def _opaque(value: Any) -> bool:
+    if isinstance(value, (torch.Tensor, *_CONSTANTS)):
+        return False
+    if isinstance(value, (list, tuple)):
+        return any(_opaque(v) for v in value)
+    if isinstance(value, dict):
+        return any(_opaque(v) for v in value.values())
+    return True
+
+
 def _same(a: Any, b: Any) -> bool:
     if a is b:
         return True

@@ -13,18 +13,16 @@ for a graph that has one.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from torch import fx, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..branches.base import LoraBranch
+from ..graph.attrs import cow_module
 from ..passes.state import NODE_KEY, SiteRecord, get_state
 
 LEAVES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-Hook = tuple[nn.Module, LoraBranch, int]  # (module M, its branch, how many of x, y, W, b)
+Hook = tuple[str, LoraBranch, int]  # (module M's path, its branch, how many of x, y, W, b)
 
 
 def _is_leaf(module: nn.Module) -> bool:
@@ -64,7 +62,7 @@ def _hook_of(gm: fx.GraphModule, rec: SiteRecord, name: str, deltas: list[fx.Nod
     if n is None or any(d.kwargs or _innermost(d) != name for d in deltas):
         return None
     branch = gm.get_submodule(rec.branch)
-    return (module, branch, n) if isinstance(branch, LoraBranch) else None
+    return (name, branch, n) if isinstance(branch, LoraBranch) else None
 
 
 def plan_hooks(gm: fx.GraphModule, model: nn.Module) -> list[Hook] | None:
@@ -88,24 +86,18 @@ def plan_hooks(gm: fx.GraphModule, model: nn.Module) -> list[Hook] | None:
     return hooks
 
 
-@contextlib.contextmanager
-def hooked(hooks: list[Hook]) -> Iterator[None]:
-    """Inside the block each hook's module M returns M(x) + Δ, Δ = branch(x), branch(x, M(x))
-    or branch(x, M(x), M.weight, M.bias) as its delta nodes read."""
-    handles: list[RemovableHandle] = []
+def attach(model: nn.Module, hooks: list[Hook]) -> nn.Module:
+    """``model`` with each hook's module M (made a copy of its own first, ``cow_module``)
+    returning M(x) + Δ, Δ = branch(x), branch(x, M(x)) or branch(x, M(x), M.weight, M.bias)
+    as the site's delta nodes read; ``model`` itself is changed only along those paths."""
+    for path, branch, reads in hooks:
+        module = cow_module(model, path)
+        module.register_forward_hook(_hook(module, branch, reads), with_kwargs=True)
+    return model
 
-    def add(module: nn.Module, branch: LoraBranch, reads: int) -> Any:
-        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-            x = args[0] if args else next(iter(kwargs.values()))
-            given = (x, out, module.weight, getattr(module, "bias", None))[:reads]
-            return out + branch(*given)
-        return hook
 
-    try:
-        for module, branch, reads in hooks:
-            handles.append(module.register_forward_hook(add(module, branch, reads),
-                                                        with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+def _hook(module: nn.Module, branch: LoraBranch, reads: int) -> Any:
+    def run(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        x = args[0] if args else next(iter(kwargs.values()))
+        return out + branch(*(x, out, module.weight, getattr(module, "bias", None))[:reads])
+    return run

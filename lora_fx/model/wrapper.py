@@ -10,10 +10,12 @@ same LoRA branches (the same tensors: training either trains both); tensors the 
 through ``**kwargs`` (Trainer's ``num_items_in_batch``) are inputs of that graph. Outputs are
 the model's own (a ``ModelOutput`` with ``.loss`` when the model computes one).
 
-``generate()`` runs the eager model's ``generate`` (over this module's tensors) with its KV
-cache, each branch a forward hook on the module it wraps (``eager_lora``); where a branch has
-no such module (a functional site) its forward is routed through this model instead,
-without a cache (every step recomputes the prefix through the graph). ``config``,
+A call no graph can serve, because it passes or asks for a KV cache (``use_cache=True``, a
+``Cache`` object: ``binding.stateful``), runs ``hooked_model()``: the eager model over this
+module's tensors with each branch a forward hook on the module it wraps (``eager_lora``).
+``generate()`` is that model's ``generate``, with its cache; where a branch has no such module
+(a functional site) its forward is routed through this model instead, without a cache (every
+step recomputes the prefix through the graph), and cache calls are refused in one line. ``config``,
 ``generation_config``, ``main_input_name`` and ``loss_type`` are the model's (its skeleton's);
 ``device`` is where the parameters are.
 """
@@ -41,8 +43,8 @@ from ..passes.inject import inject_pass
 from ..passes.runner import run_pass
 from ..passes.state import BRANCH_ROOT, STATE_KEY, LoraState, get_state
 from ..passes.variant_hooks import variant_hooks_pass
-from .binding import Call, Pattern, TensorSlot, bind, defaults, fits, pattern
-from .eager_lora import hooked, plan_hooks
+from .binding import Call, Pattern, TensorSlot, bind, defaults, fits, pattern, stateful
+from .eager_lora import attach, plan_hooks
 from .plan import plan
 from .saving import save_adapter
 from .tied import realias, unalias
@@ -109,6 +111,7 @@ class LoraModel(PortableGraphModule):
 
     def recompile(self) -> Any:
         self.__dict__.pop("_lorafx_variants", None)  # captured for the graph before this one
+        self.__dict__.pop("_lorafx_eager", None)
         code = super().recompile()
         cls = type(self)
         forward = cls.__dict__.get("forward")
@@ -134,6 +137,7 @@ class LoraModel(PortableGraphModule):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self.__dict__.pop("_lorafx_variants", None)  # captured for other devices or dtypes
+        self.__dict__.pop("_lorafx_eager", None)
         return super()._apply(fn, recurse)  # baked devices and dtypes follow (graph.portable)
 
     # --- calling ---------------------------------------------------------------------------
@@ -147,6 +151,9 @@ class LoraModel(PortableGraphModule):
         call = bind(origin.signature, args, kwargs, origin.name)
         if fits(origin.pattern, call):
             return self.graph_forward(*call.values[: origin.arity])
+        state = stateful(call)
+        if state is not None:
+            return self.hooked_model(f"a call with {state}=")(*args, **kwargs)
         variants: list[Variant] = self.__dict__.setdefault("_lorafx_variants", [])
         variant = next((v for v in variants if fits(v.pattern, call)), None)
         if variant is None:
@@ -204,13 +211,32 @@ class LoraModel(PortableGraphModule):
         if not callable(generate):
             raise LoraFxError(f"{type(model).__name__} has no generate(): only causal and "
                               "seq2seq language models generate")
-        hooks = plan_hooks(self, model)
-        if hooks is not None:
-            with hooked(hooks):
-                return generate(*args, **kwargs)
+        if plan_hooks(self, model) is not None:
+            hooked: Any = self.hooked_model("generate()")
+            return hooked.generate(*args, **kwargs)
         kwargs["use_cache"] = False
         with routed(model, self):
             return generate(*args, **kwargs)
+
+    def hooked_model(self, what: str) -> nn.Module:
+        """The eager model over this module's tensors with every branch a forward hook on
+        the module it wraps (``eager_lora``): this module's function, with what the eager
+        model has and a graph does not (a KV cache in and out). Kept while this module holds the
+        same tensor objects; refused in one line where a site has no module."""
+        tensors = tuple(id(t) for _, t in (*self.named_parameters(remove_duplicate=False),
+                                           *self.named_buffers(remove_duplicate=False)))
+        cached = self.__dict__.get("_lorafx_eager")
+        if cached is None or cached[0] != tensors:  # a copy of this module, or new tensors
+            model = self.origin_model(what)
+            hooks = plan_hooks(self, model)
+            if hooks is None:
+                raise LoraFxError(f"{what} runs the eager model with each LoRA branch hooked "
+                                  "onto the module it wraps, and a site of this model is not "
+                                  "a module's call (a functional projection): call it "
+                                  "without a cache (use_cache=False)")
+            cached = self.__dict__["_lorafx_eager"] = (tensors, attach(model, hooks))
+        cached[1].train(self.training)
+        return cached[1]
 
     def save_pretrained(self, directory: str | Path, **_: Any) -> Path:
         """Write the adapter in PEFT's layout (``PeftModel.save_pretrained``'s habit)."""

@@ -178,6 +178,28 @@ def test_generate_of_a_peft_adapter_gives_peft_tokens(extra: dict[str, Any],
     assert ours.past_key_values is not None
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_hand_written_decode_loop_with_a_cache_gives_peft_logits(family: str) -> None:
+    """``model(ids, use_cache=True)`` then ``model(next, cache=...)``: calls a graph cannot
+    serve (a cache out, then in) run the eager model with the branches hooked on, so each
+    step's logits are PEFT's; after ``.to()`` the hooked model follows the new tensors."""
+    base, gm, pm = _inject(family)
+    ids = _ids(2, 6, seed=3)
+    ours, theirs = gm(input_ids=ids, use_cache=True), pm(input_ids=ids, use_cache=True)
+    for _ in range(4):
+        torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-5)
+        nxt = theirs.logits[:, -1:].argmax(-1)
+        ours = gm(input_ids=nxt, cache=ours.past_key_values, use_cache=True)
+        theirs = pm(input_ids=nxt, cache=theirs.past_key_values, use_cache=True)
+    assert ours.past_key_values.get_seq_length() == 10
+    assert not torch.allclose(ours.logits, base(input_ids=ids).logits[:, -1:], atol=1e-3)
+    # the hooks live on the hooked model's own copies: no other view of the model has them
+    assert not any(m._forward_hooks for m in gm.origin_model().modules())
+    assert not any(m._forward_hooks for m in base.modules())
+    gm.to(torch.float64)
+    assert gm(input_ids=ids, use_cache=True).logits.dtype == torch.float64
+
+
 def test_generate_without_hooks_runs_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where a branch has no module to hook onto, generate() runs each step through the graph
     without a cache, and still gives PEFT's tokens."""
@@ -215,6 +237,8 @@ def test_a_functional_site_has_no_hook() -> None:
     assert set(lora_fx.branches(both)) == {"lin", "w"}
     assert plan_hooks(only_lin, only_lin.origin_model()) is not None
     assert plan_hooks(both, both.origin_model()) is None
+    with pytest.raises(LoraFxError, match="not a module's call.*use_cache=False"):
+        both.hooked_model("a call with a cache")
 
 
 def test_merged_model_is_called_like_the_model() -> None:
