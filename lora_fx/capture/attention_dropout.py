@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ..graph.attrs import innermost_module
 from ..passes.runner import PassResult
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -52,10 +53,10 @@ def probability(module: nn.Module) -> float | None:
 
 
 def _caller(node: fx.Node, model: nn.Module) -> nn.Module | None:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
+    found = innermost_module(node)
+    if found is None:
         return None
-    path = list(stack.values())[-1][0]
+    path = found[0]
     try:
         return model.get_submodule(path) if path else model
     except AttributeError:

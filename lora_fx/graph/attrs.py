@@ -12,6 +12,16 @@ from torch import fx, nn
 aten = torch.ops.aten
 
 
+def innermost_module(node: fx.Node) -> tuple[str, Any] | None:
+    """(path, class) of the innermost module whose forward made ``node``, from torch.export's
+    ``nn_module_stack``; None where the node has none."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    return str(path), cls
+
+
 def resolve_attr(gm: fx.GraphModule, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from ..graph.attrs import resolve_attr, transposed
+from ..graph.attrs import innermost_module, resolve_attr, transposed
 from .rules import MODULE_RULES, Layout, Rule, aten, rule_for
 
 
@@ -171,10 +171,10 @@ class Matcher:
         """(path, class) of the innermost module whose forward runs ``node``."""
         if node.op == "call_module":
             return str(node.target), _qualname(type(self.gm.get_submodule(str(node.target))))
-        stack = node.meta.get("nn_module_stack") or {}
-        if not stack:
+        found = innermost_module(node)
+        if found is None:
             return "", ""
-        path, cls = list(stack.values())[-1]
+        path, cls = found
         return str(path), _qualname(cls)
 
     def _name(self, weight: Any, path: str, module: str) -> str:

@@ -18,8 +18,8 @@ from typing import Any
 from torch import fx, nn
 
 from ..branches.base import LoraBranch
-from ..graph.attrs import cow_module
-from ..passes.state import NODE_KEY, SiteRecord, get_state
+from ..graph.attrs import cow_module, innermost_module
+from ..passes.state import SiteRecord, delta_nodes, get_state
 
 LEAVES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 Hook = tuple[str, LoraBranch, int]  # (module M's path, its branch, how many of x, y, W, b)
@@ -30,10 +30,9 @@ def _is_leaf(module: nn.Module) -> bool:
     return isinstance(module, LEAVES) or type(module).__name__ == "Conv1D"
 
 
-def _innermost(node: fx.Node) -> str | None:
-    """The path of the innermost module whose forward made ``node`` (torch.export's meta)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else None
+def _caller(node: fx.Node) -> str | None:
+    found = innermost_module(node)
+    return found[0] if found else None
 
 
 def _reads(branch_args: tuple[Any, ...], rec: SiteRecord, name: str) -> int | None:
@@ -59,7 +58,7 @@ def _hook_of(gm: fx.GraphModule, rec: SiteRecord, name: str, deltas: list[fx.Nod
         return None
     reads = {_reads(d.args, rec, name) for d in deltas}
     n = reads.pop() if len(reads) == 1 else None
-    if n is None or any(d.kwargs or _innermost(d) != name for d in deltas):
+    if n is None or any(d.kwargs or _caller(d) != name for d in deltas):
         return None
     branch = gm.get_submodule(rec.branch)
     return (name, branch, n) if isinstance(branch, LoraBranch) else None
@@ -71,11 +70,7 @@ def plan_hooks(gm: fx.GraphModule, model: nn.Module) -> list[Hook] | None:
     state = get_state(gm)
     if state is None:
         return []
-    deltas: dict[str, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        tag = node.meta.get(NODE_KEY) or {}
-        if tag.get("role") == "delta":
-            deltas.setdefault(tag["site"], []).append(node)
+    deltas = delta_nodes(gm.graph)
     modules = dict(model.named_modules(remove_duplicate=False))
     hooks: list[Hook] = []
     for name, rec in state.sites.items():

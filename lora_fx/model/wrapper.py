@@ -206,14 +206,14 @@ class LoraModel(PortableGraphModule):
         (``eager_lora.plan_hooks``); otherwise each forward runs through this model's graph
         without a cache (each step runs the whole sequence).
         """
-        model = self.origin_model("generate()")
+        hooked = self._hooked("generate()")
+        model = hooked if hooked is not None else self.origin_model("generate()")
         generate = getattr(model, "generate", None)
         if not callable(generate):
             raise LoraFxError(f"{type(model).__name__} has no generate(): only causal and "
                               "seq2seq language models generate")
-        if plan_hooks(self, model) is not None:
-            hooked: Any = self.hooked_model("generate()")
-            return hooked.generate(*args, **kwargs)
+        if hooked is not None:
+            return generate(*args, **kwargs)
         kwargs["use_cache"] = False
         with routed(model, self):
             return generate(*args, **kwargs)
@@ -221,21 +221,29 @@ class LoraModel(PortableGraphModule):
     def hooked_model(self, what: str) -> nn.Module:
         """The eager model over this module's tensors with every branch a forward hook on
         the module it wraps (``eager_lora``): this module's function, with what the eager
-        model has and a graph does not (a KV cache in and out). Kept while this module holds the
-        same tensor objects; refused in one line where a site has no module."""
+        model has and a graph does not (a KV cache in and out); refused in one line where a
+        site has no module."""
+        hooked = self._hooked(what)
+        if hooked is None:
+            raise LoraFxError(f"{what} runs the eager model with each LoRA branch hooked "
+                              "onto the module it wraps, and a site of this model is not "
+                              "a module's call (a functional projection): call it "
+                              "without a cache (use_cache=False)")
+        return hooked
+
+    def _hooked(self, what: str) -> nn.Module | None:
+        """``hooked_model``, None where a site has no module; built once and kept while this
+        module holds the same tensor objects (a copy or a merge holds others)."""
         tensors = tuple(id(t) for _, t in (*self.named_parameters(remove_duplicate=False),
                                            *self.named_buffers(remove_duplicate=False)))
         cached = self.__dict__.get("_lorafx_eager")
-        if cached is None or cached[0] != tensors:  # a copy of this module, or new tensors
+        if cached is None or cached[0] != tensors:
             model = self.origin_model(what)
             hooks = plan_hooks(self, model)
-            if hooks is None:
-                raise LoraFxError(f"{what} runs the eager model with each LoRA branch hooked "
-                                  "onto the module it wraps, and a site of this model is not "
-                                  "a module's call (a functional projection): call it "
-                                  "without a cache (use_cache=False)")
-            cached = self.__dict__["_lorafx_eager"] = (tensors, attach(model, hooks))
-        cached[1].train(self.training)
+            cached = (tensors, attach(model, hooks) if hooks is not None else None)
+            self.__dict__["_lorafx_eager"] = cached
+        if cached[1] is not None:
+            cached[1].train(self.training)
         return cached[1]
 
     def save_pretrained(self, directory: str | Path, **_: Any) -> Path:

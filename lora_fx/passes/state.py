@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import fx, nn
 
 from ..config import LoraConfig
 from ..errors import LoraFxError
@@ -45,3 +45,13 @@ def require_state(gm: nn.Module) -> LoraState:
     if state is None:
         raise LoraFxError("this module has no LoRA branches: call lora_fx.inject() first")
     return state
+
+
+def delta_nodes(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+    """Site name → its ``delta = lora.<site>(...)`` nodes, in graph order."""
+    out: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        tag = node.meta.get(NODE_KEY) or {}
+        if tag.get("role") == "delta":
+            out.setdefault(tag["site"], []).append(node)
+    return out

@@ -11,19 +11,17 @@ from torch import fx
 
 from ..branches.base import LoraBranch
 from .runner import PassResult
-from .state import NODE_KEY, require_state
+from .state import delta_nodes, require_state
 
 
 def variant_hooks_pass(gm: fx.GraphModule) -> PassResult:
     """Call each branch's ``on_inject`` at each of its delta nodes."""
     state = require_state(gm)
     changed = 0
-    for node in list(gm.graph.nodes):
-        tag = node.meta.get(NODE_KEY) or {}
-        if tag.get("role") != "delta":
-            continue
-        site = state.sites[tag["site"]]
+    for name, nodes in delta_nodes(gm.graph).items():
+        site = state.sites[name]
         branch = gm.get_submodule(site.branch)
         assert isinstance(branch, LoraBranch)
-        changed += branch.on_inject(gm, site, node)
+        for node in nodes:
+            changed += branch.on_inject(gm, site, node)
     return PassResult(gm, changed > 0, {"wired": changed})
