@@ -207,11 +207,12 @@ class LoraConfig:
             kwargs[key] = kwargs.get(key) or {}
         _refuse_variants(data)
         unknown = sorted(k for k in data if k not in names and k not in _PEFT_IGNORED
-                         and k not in _PEFT_VARIANTS)
+                         and k not in _PEFT_VARIANTS and not _is_unset(data[k]))
         if unknown:
             warnings.warn(f"adapter_config.json keys {', '.join(unknown)} are unknown to lorafx "
-                          "and ignored (PEFT ignores unknown keys the same way)", LoraFxWarning,
-                          stacklevel=2)
+                          "and ignored (PEFT ignores unknown keys the same way); if the adapter "
+                          "was trained with them, its outputs may differ from PEFT's",
+                          LoraFxWarning, stacklevel=2)
         try:
             return cls(**kwargs)
         except TypeError as err:
@@ -234,6 +235,13 @@ def _refuse_variants(data: dict[str, Any]) -> None:
         if data.get(key):
             raise LoraFxError(f"adapter uses {key}={data[key]!r}, a LoRA variant lorafx does "
                               "not support: use a plain LoRA adapter")
+
+
+def _is_unset(value: Any) -> bool:
+    """A config value that turns its feature off: None, False or empty (a new PEFT release
+    writes each new field at such a default, e.g. ``astra_config: null``)."""
+    return value is None or value is False or (isinstance(value, (str, list, dict))
+                                                and not value)
 
 
 def _is_int(v: Any) -> bool:
