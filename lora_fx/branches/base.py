@@ -10,7 +10,7 @@ from torch import fx, nn
 from ..errors import LoraFxError
 
 if TYPE_CHECKING:
-    from ..passes.state import SiteRecord
+    from ..graph.state import SiteRecord
 
 
 class Factor(nn.Module):

@@ -11,13 +11,13 @@ import torch
 from ..adapter.peft import check_adapter_output
 from ..config import LoraConfig
 from ..errors import LoraFxError
+from ..graph.state import require_state
 from ..load.device import place, resolve_device, resolve_dtype
 from ..load.model import load_model
 from ..model.adapters import save_adapter
 from ..model.inject import inject
 from ..model.params import count_parameters
 from ..model.plan import plan_model
-from ..passes.state import require_state
 from .common import echo_json, init_value, patterns, site_json, table, target_config
 from .options import adapter_dtype_option, device_option, dtype_option
 

@@ -18,7 +18,7 @@ from ..adapter.peft import MAGNITUDE_KEY, Adapter, read_adapter
 from ..branches.base import copy_checked
 from ..config import LoraConfig
 from ..errors import LoraFxError, some
-from ..passes.state import require_state
+from ..graph.state import require_state
 from ..variants.init import reads_weight
 from .inject import inject
 from .params import branches

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from ..branches.base import LoraBranch
 from ..graph.attrs import cow_module, innermost_module
-from ..passes.state import SiteRecord, delta_nodes, get_state
+from ..graph.state import SiteRecord, delta_nodes, get_state
 
 LEAVES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 Hook = tuple[str, LoraBranch, int]  # (module M's path, its branch, how many of x, y, W, b)

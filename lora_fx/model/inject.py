@@ -15,9 +15,9 @@ from ..config import LoraConfig
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.portable import REBUILD_KEY
+from ..graph.state import STATE_KEY, LoraState
 from ..passes.inject import inject_pass
 from ..passes.runner import run_pass
-from ..passes.state import STATE_KEY, LoraState
 from ..passes.variant_hooks import variant_hooks_pass
 from ..variants.init import init_from_weights
 from .plan import plan, saved_modules

@@ -16,10 +16,10 @@ from ..capture.trace import CAPTURE_KEY
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.copy import copy_graph
+from ..graph.state import LoraState, get_state
 from ..match.matcher import weight_readers
 from ..passes.merge import merge_pass, site_uses
 from ..passes.runner import run_pass
-from ..passes.state import LoraState, get_state
 from ..progress import stage
 from .params import branches
 from .wrapper import like

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..branches.base import LoraBranch
-from ..passes.state import require_state
+from ..graph.state import require_state
 
 
 def branches(gm: nn.Module) -> dict[str, LoraBranch]:

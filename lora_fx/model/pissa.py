@@ -14,7 +14,7 @@ from torch import fx, nn
 from ..adapter.peft import Adapter, Factors, read_adapter, write_adapter
 from ..config import LoraConfig
 from ..errors import LoraFxError
-from ..passes.state import require_state
+from ..graph.state import require_state
 from ..variants.init import INIT_KEY, reads_weight
 from .adapters import apply_adapter, layout_config, to_adapter
 

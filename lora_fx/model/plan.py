@@ -34,12 +34,12 @@ from ..config import LoraConfig
 from ..errors import LoraFxError, some
 from ..graph.copy import copy_graph
 from ..graph.portable import graph_module
+from ..graph.state import get_state
 from ..load.meta import SkipMetaInit
 from ..load.model import load_model
 from ..match.matcher import Site, Skip, find_sites
 from ..match.select import select
 from ..passes.inject import build_branch
-from ..passes.state import get_state
 
 
 def plan(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig,

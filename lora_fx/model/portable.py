@@ -15,10 +15,10 @@ from torch import fx
 from ..capture.recapture import recapture
 from ..errors import LoraFxError
 from ..graph.attrs import add_submodule
+from ..graph.state import STATE_KEY, require_state
 from ..match.matcher import find_sites
 from ..passes.inject import inject_pass
 from ..passes.runner import run_pass
-from ..passes.state import STATE_KEY, require_state
 from ..passes.variant_hooks import variant_hooks_pass
 
 

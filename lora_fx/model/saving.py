@@ -15,7 +15,7 @@ from ..adapter.peft import MAGNITUDE_KEY, Adapter, write_adapter
 from ..branches.base import LoraBranch
 from ..branches.linear import LoraFused
 from ..config import LoraConfig
-from ..passes.state import require_state
+from ..graph.state import require_state
 from .params import branches
 
 

@@ -39,9 +39,9 @@ from ..capture.trace import CAPTURE_KEY, capture
 from ..errors import LoraFxError
 from ..graph.attrs import resolve_attr
 from ..graph.portable import PortableGraphModule, graph_module
+from ..graph.state import BRANCH_ROOT, STATE_KEY, LoraState, get_state
 from ..passes.inject import inject_pass
 from ..passes.runner import run_pass
-from ..passes.state import BRANCH_ROOT, STATE_KEY, LoraState, get_state
 from ..passes.variant_hooks import variant_hooks_pass
 from .binding import Call, Pattern, TensorSlot, bind, defaults, fits, pattern, stateful
 from .eager_lora import attach, plan_hooks

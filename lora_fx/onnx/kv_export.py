@@ -38,11 +38,11 @@ from ..capture.trace import capture
 from ..errors import LoraFxError
 from ..fileio import check_writable_dir
 from ..graph.attrs import set_attr_cow
+from ..graph.state import get_state
 from ..model.adapters import apply_adapter, to_adapter
 from ..ort.adapters import onnx_params, write_ort_adapter
 from ..ort.runtime import without_tf32
 from ..ort.serving import AdapterSession
-from ..passes.state import get_state
 from .export import trace
 from .genai import write_genai_files
 from .kv_cache import KvModule, kv_decoder, name_io, trace_inputs

@@ -35,10 +35,10 @@ from ..config import LoraConfig
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.copy import shallow_copy
+from ..graph.state import LoraState, get_state, require_state
 from ..model.inject import inject
 from ..ort.adapter_sets import BASE, check_names, stack_factors
 from ..ort.adapters import onnx_params
-from ..passes.state import LoraState, get_state, require_state
 from .names import A_SUFFIX, B_SUFFIX, torch_dtype
 
 

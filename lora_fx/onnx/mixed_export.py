@@ -31,8 +31,8 @@ from ..adapter.peft import Adapter
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.copy import shallow_copy
+from ..graph.state import require_state
 from ..ort.adapter_sets import IDS_INPUT, NAMES_META, write_ids
-from ..passes.state import require_state
 from .mixed_batch import MixedBatch, MixedBranch, example_ids, mixed_module, translation_table
 from .names import A_SUFFIX, B_SUFFIX, RANK_META, torch_dtype
 from .prepare import cast_inputs, lowered

@@ -19,9 +19,9 @@ from ..capture.trace import CAPTURE_KEY, capture
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.copy import shallow_copy
+from ..graph.state import get_state
 from ..model.adapters import apply_adapter, to_adapter
 from ..model.merge import merge
-from ..passes.state import get_state
 from .names import DTYPES, torch_dtype
 from .unmerged import deploy_module
 

@@ -34,7 +34,7 @@ from ..branches.base import LoraBranch
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.copy import shallow_copy
-from ..passes.state import require_state
+from ..graph.state import require_state
 from .names import A_SUFFIX, B_SUFFIX, RANK_META, onnx_factors
 from .trace import to_onnx
 

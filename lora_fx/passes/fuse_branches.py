@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..branches.linear import LoraLinear
+from ..graph.state import NODE_KEY, require_state
 from .runner import PassResult
-from .state import NODE_KEY, require_state
 
 
 def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,10 @@ from ..branches.embedding import LoraEmbedding
 from ..branches.linear import LoraFused, LoraLinear
 from ..config import LoraConfig
 from ..graph.attrs import add_submodule
+from ..graph.state import BRANCH_ROOT, NODE_KEY, LoraState, SiteRecord
 from ..match.matcher import Site
 from ..variants.dora import dora_branch
 from .runner import PassResult
-from .state import BRANCH_ROOT, NODE_KEY, LoraState, SiteRecord
 
 
 def adapter_dtype(base: torch.dtype, autocast: bool = True) -> torch.dtype:

@@ -17,9 +17,9 @@ from torch import fx, nn
 
 from ..branches.base import LoraBranch
 from ..graph.attrs import set_attr_cow
+from ..graph.state import NODE_KEY, SiteRecord
 from ..match.matcher import weight_readers
 from .runner import PassResult
-from .state import NODE_KEY, SiteRecord
 from .untie import untie
 
 

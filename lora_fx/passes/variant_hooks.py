@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import fx
 
 from ..branches.base import LoraBranch
+from ..graph.state import delta_nodes, require_state
 from .runner import PassResult
-from .state import delta_nodes, require_state
 
 
 def variant_hooks_pass(gm: fx.GraphModule) -> PassResult:

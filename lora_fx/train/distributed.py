@@ -31,9 +31,9 @@ from ..capture.trace import CAPTURE_KEY
 from ..errors import LoraFxError
 from ..graph.copy import copy_graph
 from ..graph.portable import graph_module
+from ..graph.state import STATE_KEY, LoraState, get_state
 from ..passes.runner import run_pass
 from ..passes.split_blocks import BLOCK_PREFIX, block_of, moved_path, split_blocks_pass
-from ..passes.state import STATE_KEY, LoraState, get_state
 
 
 @dataclass

@@ -17,11 +17,11 @@ from torch import fx, nn
 from ..errors import LoraFxError
 from ..graph.copy import copy_graph
 from ..graph.portable import REBUILD_KEY, graph_module
+from ..graph.state import require_state
 from ..model.portable import reinject
 from ..passes.fuse_branches import fuse_branches_pass
 from ..passes.fuse_gelu import fuse_gelu_pass
 from ..passes.runner import run_pass
-from ..passes.state import require_state
 from ..passes.wide_linear import wide_linear_pass
 
 

@@ -30,9 +30,9 @@ from torch import nn
 
 from ..adapter.peft import WEIGHTS_NAME, read_adapter
 from ..errors import LoraFxError
+from ..graph.state import require_state
 from ..model.adapters import load_weights, save_adapter
 from ..model.params import branches
-from ..passes.state import require_state
 
 try:
     from transformers import Trainer, TrainerCallback

@@ -29,8 +29,8 @@ from ..branches.base import copy_checked, weight_of
 from ..branches.linear import LoraLinear
 from ..config import LoraConfig
 from ..errors import LoraFxError
+from ..graph.state import NODE_KEY, SiteRecord
 from ..match.matcher import Site
-from ..passes.state import NODE_KEY, SiteRecord
 
 FORMS = ("nn.Linear", "F.linear", "addmm", "matmul")  # linear forms whose bias DoRA can find
 

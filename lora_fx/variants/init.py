@@ -31,7 +31,7 @@ from ..branches.base import weight_of
 from ..branches.linear import LoraLinear
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
-from ..passes.state import get_state
+from ..graph.state import get_state
 
 WEIGHT_INITS = ("pissa", "olora")
 

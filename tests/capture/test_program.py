@@ -16,8 +16,8 @@ import torch
 
 import lora_fx
 from lora_fx.capture.program import PROGRAM_KEY, captured_program
+from lora_fx.graph.state import get_state
 from lora_fx.ort import runtime
-from lora_fx.passes.state import get_state
 from tests.helpers import logits_of, peft_model_like, randomize_lora, tiny_gpt2, token_ids
 
 

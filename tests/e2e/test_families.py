@@ -24,13 +24,13 @@ from torch import nn
 
 import lora_fx
 from lora_fx.api import export_onnx
+from lora_fx.graph.state import NODE_KEY
 from lora_fx.load.model import LoadedModel, load_model
 from lora_fx.match.matcher import find_sites
 from lora_fx.onnx.report import op_histogram
 from lora_fx.onnx.trace import to_onnx
 from lora_fx.onnx.verify import flat_outputs
 from lora_fx.ort import runtime
-from lora_fx.passes.state import NODE_KEY
 from lora_fx.plugins import hf
 from lora_fx.train.fast import training_graph
 from tests.helpers import hand_merged, lora_scale, peft_model_like, randomize_lora

@@ -15,8 +15,8 @@ from torch import nn
 
 import lora_fx
 from lora_fx.api import export_onnx
+from lora_fx.graph.state import NODE_KEY
 from lora_fx.onnx.verify import flat_outputs
-from lora_fx.passes.state import NODE_KEY
 from tests.helpers import (
     peft_model_like,
     randomize_lora,

@@ -17,9 +17,9 @@ from torch import fx, nn
 
 import lora_fx
 from lora_fx.capture.trace import CAPTURE_KEY
+from lora_fx.graph.state import NODE_KEY, require_state
 from lora_fx.match.matcher import find_sites
 from lora_fx.match.peft_reach import peft_reachable
-from lora_fx.passes.state import NODE_KEY, require_state
 from tests.helpers import (
     check_merged_onnx,
     factors,

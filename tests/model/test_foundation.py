@@ -13,7 +13,7 @@ from torch import nn
 
 import lora_fx
 from lora_fx.api import export_onnx
-from lora_fx.passes.state import NODE_KEY, require_state
+from lora_fx.graph.state import NODE_KEY, require_state
 from tests.helpers import randomize_lora, tiny_gpt2, tiny_mlp, token_ids
 
 ALL = ["w_in", "w_mid", "w_up", "head"]

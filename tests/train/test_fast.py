@@ -12,9 +12,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lora_fx
+from lora_fx.graph.state import NODE_KEY
 from lora_fx.passes import wide_linear as wl
 from lora_fx.passes.fuse_branches import lora_addmm
-from lora_fx.passes.state import NODE_KEY
 from lora_fx.train.fast import compiled, fuse_branches, training_graph
 from tests.helpers import (
     count_calls,

@@ -18,9 +18,9 @@ from torch import nn
 import lora_fx
 from lora_fx.api import export_onnx
 from lora_fx.errors import LoraFxError
+from lora_fx.graph.state import NODE_KEY
 from lora_fx.model.pissa import load_on_residual, save_plain_lora
 from lora_fx.onnx.verify import flat_outputs
-from lora_fx.passes.state import NODE_KEY
 from tests.helpers import randomize_lora, tiny_gpt2, tiny_llama, token_ids
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
