@@ -19,10 +19,11 @@ from typing import Any
 import click
 import numpy as np
 
+from ..deploy_format import IDS_INPUT
 from ..errors import LoraFxError, some
 from ..fileio import check_output_file
 from ..ort import runtime
-from ..ort.adapter_sets import IDS_INPUT, convert_set, named_dirs
+from ..ort.adapter_sets import convert_set, named_dirs
 from ..ort.adapters import convert_adapter as convert
 from ..ort.serving import AdapterSession
 

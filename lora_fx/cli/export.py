@@ -11,13 +11,14 @@ import click
 
 from ..api import export_kv_mixed, export_mixed, export_onnx
 from ..capture.trace import capture
+from ..deploy_format import ids_file, read_ids
 from ..errors import LoraFxError
 from ..fileio import check_output_file
 from ..load.device import place, resolve_device
 from ..load.model import load_model
 from ..model.adapters import load_adapter
 from ..onnx.kv_export import check_kv_dtype
-from ..ort.adapter_sets import ids_file, named_dirs, read_ids
+from ..ort.adapter_sets import named_dirs
 from .common import echo_json
 from .export_kv import export_kv_command
 from .options import device_option

@@ -18,7 +18,7 @@ from torch import fx, nn
 from .. import memory
 from ..capture.dynamic import auto_dynamic, widened
 from ..capture.program import captured_program
-from .names import torch_dtype
+from ..deploy_format import torch_dtype
 from .outputs import name_outputs, output_names
 from .prepare import Prepared, cast_inputs, prepare
 from .report import ExportReport, op_histogram

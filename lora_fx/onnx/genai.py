@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import LoraFxError
+from ..deploy_format import GENAI_CONFIG, TOKENIZER_FILES
 from ..fileio import atomic_path
 from .kv_cache import (
     ATTENTION_MASK,
@@ -29,15 +29,11 @@ from .kv_cache import (
     DecoderLayout,
 )
 
-CONFIG_NAME = "genai_config.json"
 # model types ORT GenAI drives as a plain decoder with separate key / value caches (its
 # ModelType::IsLLM list, 0.18); any other decoder is declared "decoder", GenAI's generic type.
 # Not "gpt2": GenAI's GPT-2 model reads one combined past per layer (past_%d), not ours.
 GENAI_TYPES = frozenset({"chatglm", "decoder", "gemma", "gemma2", "granite", "llama",
                          "mistral", "nemotron", "olmo", "phi", "phi3", "qwen2", "qwen3"})
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
-                   "tokenizer.model", "spiece.model", "chat_template.jinja")
 
 
 def genai_config(layout: DecoderLayout, filename: str) -> dict[str, Any]:
@@ -71,7 +67,7 @@ def write_genai_files(directory: Path, layout: DecoderLayout, filename: str,
                       source: str | Path | None = None) -> list[str]:
     """Write ``directory/genai_config.json`` and copy the tokenizer files that ``source`` (the
     model's ``save_pretrained`` directory) has; returns the names of the files copied."""
-    with atomic_path(directory / CONFIG_NAME) as tmp:
+    with atomic_path(directory / GENAI_CONFIG) as tmp:
         tmp.write_text(json.dumps(genai_config(layout, filename), indent=2) + "\n")
     copied: list[str] = []
     if source is None:
@@ -83,22 +79,3 @@ def write_genai_files(directory: Path, layout: DecoderLayout, filename: str,
                 shutil.copyfile(src / name, tmp)
             copied.append(name)
     return copied
-
-
-def read_genai_config(directory: str | Path) -> dict[str, Any]:
-    """``DIR/genai_config.json`` parsed; a folder without one is refused with advice."""
-    d = Path(directory)
-    path = d / CONFIG_NAME
-    if not d.is_dir():
-        raise LoraFxError(f"{d} is not a directory: pass the folder written by `lorafx export "
-                          "--kv-cache -o DIR/model.onnx`")
-    if not path.is_file():
-        raise LoraFxError(f"{d} has no {CONFIG_NAME}: pass the folder written by `lorafx export "
-                          "MODEL --kv-cache -o DIR/model.onnx`")
-    try:
-        config = json.loads(path.read_text())
-        config["model"]["decoder"]["filename"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise LoraFxError(f"{path} is not a GenAI decoder config ({type(err).__name__}: {err}): "
-                          "export the model again with --kv-cache") from err
-    return config  # type: ignore[no-any-return]

@@ -35,6 +35,7 @@ from torch import nn
 from ..adapter.peft import Adapter, read_adapter
 from ..capture.program import captured_program
 from ..capture.trace import capture
+from ..deploy_format import A_SUFFIX, B_SUFFIX, DTYPE_RTOL
 from ..errors import LoraFxError
 from ..fileio import check_writable_dir
 from ..graph.attrs import set_attr_cow
@@ -46,7 +47,6 @@ from ..ort.serving import AdapterSession
 from .export import trace
 from .genai import write_genai_files
 from .kv_cache import KvModule, kv_decoder, name_io, trace_inputs
-from .names import A_SUFFIX, B_SUFFIX, DTYPE_RTOL
 from .prepare import Prepared, cast_inputs, prepare
 from .report import op_histogram
 from .save import save_program

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..adapter.peft import Adapter
+from ..deploy_format import IDS_INPUT, write_ids
 from ..fileio import check_writable_dir
-from ..ort.adapter_sets import IDS_INPUT, write_ids
 from ..ort.serving import AdapterSession
 from .genai import write_genai_files
 from .kv_cache import BATCH, kv_decoder, name_io, trace_inputs

@@ -32,14 +32,13 @@ from torch import nn
 
 from ..adapter.peft import Adapter, read_adapter
 from ..config import LoraConfig
+from ..deploy_format import A_SUFFIX, B_SUFFIX, BASE, check_names, stack_factors, torch_dtype
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.copy import shallow_copy
 from ..graph.state import LoraState, get_state, require_state
 from ..model.inject import inject
-from ..ort.adapter_sets import BASE, check_names, stack_factors
 from ..ort.adapters import onnx_params
-from .names import A_SUFFIX, B_SUFFIX, torch_dtype
 
 
 @torch.library.custom_op("lorafx::mixed_lora_delta", mutates_args=())

@@ -28,13 +28,20 @@ from onnx_ir.tensor_adapters import TorchTensor
 from torch import nn
 
 from ..adapter.peft import Adapter
+from ..deploy_format import (
+    A_SUFFIX,
+    B_SUFFIX,
+    IDS_INPUT,
+    NAMES_META,
+    RANK_META,
+    torch_dtype,
+    write_ids,
+)
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.copy import shallow_copy
 from ..graph.state import require_state
-from ..ort.adapter_sets import IDS_INPUT, NAMES_META, write_ids
 from .mixed_batch import MixedBatch, MixedBranch, example_ids, mixed_module, translation_table
-from .names import A_SUFFIX, B_SUFFIX, RANK_META, torch_dtype
 from .prepare import cast_inputs, lowered
 from .report import ExportReport, op_histogram
 from .rules import forget_rewriter_state

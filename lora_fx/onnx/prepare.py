@@ -16,13 +16,13 @@ from torch import fx, nn
 
 from ..capture.recapture import eager_model
 from ..capture.trace import CAPTURE_KEY, capture
+from ..deploy_format import DTYPES, torch_dtype
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.copy import shallow_copy
 from ..graph.state import get_state
 from ..model.adapters import apply_adapter, to_adapter
 from ..model.merge import merge
-from .names import DTYPES, torch_dtype
 from .unmerged import deploy_module
 
 

@@ -13,10 +13,9 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from .. import fileio
+from .. import deploy_format, fileio
 from ..fileio import check_writable_dir
 from ..progress import stage
-from . import names
 from .report import initializer_bytes
 from .stream import Layout, write_model
 
@@ -40,7 +39,8 @@ def save_program(program: Any, path: Path, external_data: bool | None = None
 
 def _save(program: Any, path: Path, external_data: bool | None) -> tuple[bool, Layout | None]:
     size = initializer_bytes(program.model)  # not model_proto: that copies every weight
-    use_external = size > names.EXTERNAL_DATA_BYTES if external_data is None else external_data
+    use_external = (size > deploy_format.EXTERNAL_DATA_BYTES if external_data is None
+                    else external_data)
     fileio.sweep_stale(path.parent, path.name)  # leftovers of killed exports
     tmp = fileio.temp_path(path.parent, path.name)  # .NAME.PID.RAND.tmp: swept if we die
     tmp.mkdir()

@@ -31,11 +31,11 @@ from onnxscript import opset18 as op
 from torch import nn
 
 from ..branches.base import LoraBranch
+from ..deploy_format import A_SUFFIX, B_SUFFIX, RANK_META, onnx_factors
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.copy import shallow_copy
 from ..graph.state import require_state
-from .names import A_SUFFIX, B_SUFFIX, RANK_META, onnx_factors
 from .trace import to_onnx
 
 

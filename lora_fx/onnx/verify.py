@@ -18,10 +18,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .. import fileio
+from ..deploy_format import DTYPE_RTOL
 from ..errors import LoraFxError, LoraFxWarning
 from ..ort import runtime
 from ..progress import stage
-from .names import DTYPE_RTOL
 from .report import ExportReport
 from .shapes import second_shape, shape_text, symbolic_axes
 from .stream import Layout, external_view

@@ -1,20 +1,16 @@
-"""Adapter sets of mixed-batch models: stacked factors, set files, each row's adapter id.
+"""Adapter sets of mixed-batch models: set files and each row's adapter id.
 
-A mixed-batch model (``lorafx export --mixed-batch``) reads, per site,
-``<site>.lora_A.weight`` [n+1, in, r_max] and ``<site>.lora_B.weight`` [n+1, r_max, out]:
-
-    A[k] = A_kᵀ,  B[k] = s_k·B_kᵀ  (k = 1..n, zero-padded to r_max),  A[0] = B[0] = 0
-
-and an input ``adapter_ids`` (int64 [batch]) choosing k per row (0: the base model). The stacks
-are overridable initializers, so a set file written here (``lorafx convert-adapter A1 A2 ...
---mixed-batch``) replaces them per run through ``RunOptions.add_active_adapter``. The order of
-a set (and of the model's exported set) is a JSON file beside it mapping names to ids,
-``model.adapter_ids.json`` for ``model.onnx``: ``{"__base__": 0, "a1": 1, "a2": 2}``.
+A mixed-batch model (``lorafx export --mixed-batch``) reads per site the stacks
+``<site>.lora_A.weight`` [n+1, in, r_max] and ``<site>.lora_B.weight`` [n+1, r_max, out] (row
+0 zero: the base model) and an input ``adapter_ids`` (int64 [batch]) choosing k per row; the
+layout and the ids file beside the model are :mod:`lora_fx.deploy_format`'s. The stacks are
+overridable initializers, so a set file written here (``lorafx convert-adapter A1 A2 ...
+--mixed-batch``) replaces them per run through ``RunOptions.add_active_adapter``, and its order
+is written beside it (``set.adapter_ids.json``: ``{"__base__": 0, "a1": 1, "a2": 2}``).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,29 +20,17 @@ import numpy as np
 import torch
 
 from ..adapter.peft import read_adapter
+from ..deploy_format import (
+    A_SUFFIX,
+    B_SUFFIX,
+    IDS_INPUT,
+    check_names,
+    stack_factors,
+    write_ids,
+)
 from ..errors import LoraFxError
-from ..fileio import atomic_path
-from ..onnx.names import A_SUFFIX, B_SUFFIX
 from .adapters import check_names as check_sites
 from .adapters import model_slots, onnx_params, write_ort_adapter
-
-BASE = "__base__"            # the name of id 0 (PEFT's name for "no adapter" in adapter_names)
-IDS_INPUT = "adapter_ids"    # the graph input: int64 [batch]
-IDS_SUFFIX = ".adapter_ids.json"
-NAMES_META = "lorafx.mixed_adapters"  # model metadata_props key: JSON list, names[k] = id k
-
-
-def check_names(names: Sequence[str]) -> list[str]:
-    """``["__base__", *names]`` after refusing empty, duplicate or reserved names."""
-    seen: set[str] = set()
-    for name in names:
-        if not name or name == BASE or name in seen or "," in name or name.isdigit():
-            why = "is reserved for the base model" if name == BASE else (
-                "appears twice" if name in seen else "is empty, a number or holds a comma")
-            raise LoraFxError(f"adapter name {name!r} {why}: give each adapter its own name "
-                              "(--adapter NAME=DIR)")
-        seen.add(name)
-    return [BASE, *names]
 
 
 def named_dirs(specs: Sequence[str]) -> dict[str, str]:
@@ -59,63 +43,6 @@ def named_dirs(specs: Sequence[str]) -> dict[str, str]:
             name, directory = Path(spec).name, spec
         check_names([*out, name])
         out[name] = directory
-    return out
-
-
-def ids_file(path: str | Path) -> Path:
-    """Where the set order of ``path`` lives: ``m.onnx`` → ``m.adapter_ids.json``."""
-    p = Path(path)
-    return p.with_name(p.stem + IDS_SUFFIX)
-
-
-def write_ids(path: str | Path, names: Sequence[str]) -> Path:
-    """Write ``{name: id}`` (``names[k]`` has id k) beside ``path``, atomically."""
-    target = ids_file(path)
-    with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps({name: k for k, name in enumerate(names)}, indent=1) + "\n")
-    return target
-
-
-def read_ids(path: str | Path) -> list[str] | None:
-    """The names by id recorded beside ``path`` (None when there is no such file)."""
-    target = ids_file(path)
-    if not target.is_file():
-        return None
-    try:
-        data = json.loads(target.read_text())
-    except json.JSONDecodeError:
-        data = None
-    if not isinstance(data, dict):
-        raise LoraFxError(f"{target} is not a JSON object mapping adapter names to ids: "
-                          "rewrite it or delete it")
-    names = sorted(data, key=lambda name: data[name] if isinstance(data[name], int) else -1)
-    ok = [data[n] for n in names] == list(range(len(names)))
-    if not ok or not names or names[0] != BASE:
-        raise LoraFxError(f"{target} must map {BASE!r} to 0 and the adapters to 1, 2, ... "
-                          "without gaps: rewrite it or delete it")
-    return names
-
-
-def stack_factors(per_adapter: Sequence[Mapping[str, torch.Tensor]],
-                  shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """``{<site>.lora_A.weight: [n+1, in, r_max], <site>.lora_B.weight: [n+1, r_max, out]}``
-    from each adapter's ``{<site>.lora_A.weight: A' (in, r), ...lora_B.weight: B' (r, out)}``
-    (``onnx_params``: scale already in B'); row 0 and absent sites zero, ranks zero-padded."""
-    out: dict[str, torch.Tensor] = {}
-    n = len(per_adapter)
-    for site, (d_in, d_out) in sorted(shapes.items()):
-        pairs = [(p[site + A_SUFFIX], p[site + B_SUFFIX]) for p in per_adapter
-                 if site + A_SUFFIX in p]
-        r_max = max((int(a.shape[1]) for a, _ in pairs), default=1)
-        dtype = pairs[0][0].dtype if pairs else torch.float32
-        a_stack = torch.zeros(n + 1, d_in, r_max, dtype=dtype)
-        b_stack = torch.zeros(n + 1, r_max, d_out, dtype=dtype)
-        for k, params in enumerate(per_adapter, start=1):
-            if site + A_SUFFIX in params:
-                a, b = params[site + A_SUFFIX], params[site + B_SUFFIX]
-                a_stack[k, :, : a.shape[1]] = a
-                b_stack[k, : b.shape[0], :] = b
-        out[site + A_SUFFIX], out[site + B_SUFFIX] = a_stack, b_stack
     return out
 
 

@@ -23,9 +23,9 @@ import onnxruntime as ort
 import torch
 
 from ..adapter.peft import Adapter, read_adapter
+from ..deploy_format import A_SUFFIX, B_SUFFIX, ONNX_TYPES, onnx_factors, torch_dtype
 from ..errors import LoraFxError
 from ..fileio import atomic_path
-from ..onnx.names import A_SUFFIX, B_SUFFIX, ONNX_TYPES, onnx_factors, torch_dtype
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..deploy_format import read_ids
 from ..errors import LoraFxError
-from .adapter_sets import read_ids
 from .generate import (
     GREEDY,
     Folder,

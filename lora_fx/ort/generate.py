@@ -23,10 +23,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ..deploy_format import A_SUFFIX, B_SUFFIX, IDS_INPUT, TOKENIZER_FILES, read_genai_config
 from ..errors import LoraFxError
-from ..onnx.genai import TOKENIZER_FILES, read_genai_config
-from ..onnx.names import A_SUFFIX, B_SUFFIX
-from .adapter_sets import IDS_INPUT
 from .adapters import model_slots, read_ort_adapter
 from .serving import AdapterSession
 

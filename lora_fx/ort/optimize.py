@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 
 from .. import fileio
+from ..deploy_format import EXTERNAL_DATA_BYTES
 from ..errors import LoraFxError
 from ..fileio import check_writable_dir
-from ..onnx.names import EXTERNAL_DATA_BYTES
 from . import runtime
 
 MODEL_TYPES = ("bert", "gpt2")  # "gpt2" fusions assume the legacy exporter's graph: use "bert"

@@ -25,11 +25,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+# TF32_RTOL is the deploy format's; imported under its own name for verify's runtime.TF32_RTOL
+from ..deploy_format import TF32_RTOL as TF32_RTOL
 from ..errors import LoraFxError, LoraFxWarning
 
 CUDA = "CUDAExecutionProvider"
 TF32_OFF = {"use_tf32": "0"}  # CUDA provider option: fp32 MatMuls in fp32
-TF32_RTOL = 5e-3  # ~10 × TF32's unit roundoff 2⁻¹¹: the tolerance when TF32 stays on
 Provider = str | tuple[str, dict[str, Any]]
 
 # ONNX Runtime's own log lines are not the user's business: an unmerged file's adapter inputs

@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ..deploy_format import A_SUFFIX, B_SUFFIX, IDS_INPUT, NAMES_META, read_ids
 from ..errors import LoraFxError, some
-from ..onnx.names import A_SUFFIX, B_SUFFIX
 from . import runtime
-from .adapter_sets import IDS_INPUT, NAMES_META, check_ids, read_ids, row_ids
+from .adapter_sets import check_ids, row_ids
 
 Inputs = Mapping[str, Any] | Sequence[Any]
 

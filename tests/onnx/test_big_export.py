@@ -21,10 +21,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lora_fx
+from lora_fx import deploy_format
 from lora_fx.api import export_onnx
 from lora_fx.config import LoraConfig
 from lora_fx.onnx import export as onnx_export
-from lora_fx.onnx import names, save
+from lora_fx.onnx import save
 from lora_fx.onnx.report import op_histogram
 from lora_fx.onnx.verify import forward, verify_file
 from lora_fx.ort import runtime
@@ -35,7 +36,7 @@ def test_external_data_export_verified_after_release(tmp_path: Any, monkeypatch:
     """The big-model path on a small model: external data forced, ONNX Runtime verifies the file
     against outputs computed before the model was released; the op histogram comes from the
     exporter's IR (no serialization of the weights) and equals the saved file's."""
-    monkeypatch.setattr(names, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(deploy_format, "EXTERNAL_DATA_BYTES", 0)
     base, gm, ids = injected_gpt3_small()
     merged = lora_fx.merge(gm, inplace=True)
     path = tmp_path / "model.onnx"
@@ -58,7 +59,7 @@ def test_external_data_export_verified_after_release(tmp_path: Any, monkeypatch:
 def test_export_release_frees_weights_then_verifies(tmp_path: Any, monkeypatch: Any) -> None:
     """export_onnx(release=True): verified in ONNX Runtime after the model's weights were freed;
     the file also matches an independent copy-merge computed before the in-place fold."""
-    monkeypatch.setattr(names, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(deploy_format, "EXTERNAL_DATA_BYTES", 0)
     base, gm, ids = injected_gpt3_small(seed=5)
     with torch.no_grad():
         want = lora_fx.merge(gm)(ids)
@@ -76,7 +77,7 @@ def test_external_data_replace_keeps_a_consistent_pair(tmp_path: Any, monkeypatc
     """Exporting over a model with external data: each export writes its own data file, so the
     previous model keeps its data until the new model is in place; then the old data file goes.
     Killed between the two renames (simulated), the previous model still loads and runs."""
-    monkeypatch.setattr(names, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(deploy_format, "EXTERNAL_DATA_BYTES", 0)
     base, gm, ids = injected_gpt3_small(seed=7)
     path = tmp_path / "model.onnx"
     onnx_export.export_onnx(base, (ids,), path, verify=False)

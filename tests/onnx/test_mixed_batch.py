@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from lora_fx.api import export_mixed
+from lora_fx.deploy_format import ids_file, read_ids
 from lora_fx.errors import LoraFxError, LoraFxWarning
-from lora_fx.ort.adapter_sets import convert_set, ids_file, named_dirs, read_ids, row_ids
+from lora_fx.ort.adapter_sets import convert_set, named_dirs, row_ids
 from lora_fx.ort.serving import AdapterSession
 from tests.helpers import peft_pair, run_cli, tiny_gpt2, tiny_llama, token_ids
 

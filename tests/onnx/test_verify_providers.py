@@ -23,6 +23,7 @@ import torch
 from onnx import TensorProto, helper
 
 import lora_fx
+from lora_fx.deploy_format import TF32_RTOL
 from lora_fx.errors import LoraFxError, LoraFxWarning
 from lora_fx.onnx.report import ExportReport
 from lora_fx.onnx.verify import verify_file
@@ -97,8 +98,8 @@ def test_a_build_refusing_the_option_keeps_tf32_and_widens_the_tolerance(
         "CUDAExecutionProvider", "CPUExecutionProvider"]
     info = report.extras["verification"]
     assert info["tf32"] == "on" and info["basis"].startswith("TF32 on")
-    assert info["tolerance"] == pytest.approx(runtime.TF32_RTOL * scale)
-    noise["size"] = 3 * runtime.TF32_RTOL * scale
+    assert info["tolerance"] == pytest.approx(TF32_RTOL * scale)
+    noise["size"] = 3 * TF32_RTOL * scale
     with pytest.raises(LoraFxError, match=r"verification failed: .* \(TF32 on: .*\) on "
                                           r"CUDAExecutionProvider; .*do not deploy it$"):
         verify_file(_report(exported["path"]), (exported["ids"],), exported["want"])
