@@ -1,11 +1,15 @@
 """lora_fx's import structure, read from its source with ``ast``: no cycle among the module-level
-imports of its modules, no import inside a function except an allowed deferred optional
-dependency, and every module importable alone in a fresh interpreter.
+imports of its modules, none among its packages either, no import inside a function except an
+allowed deferred optional dependency, and every module importable alone in a fresh interpreter.
 
 The graph: a node per module (a package's ``__init__`` is the package's node); an edge for each
 module-level import of a lora_fx module, relative imports resolved, ``from pkg import name``
 counted as an import of ``pkg.name`` where that is a submodule, else of ``pkg``. Imports under
-``if TYPE_CHECKING:`` never run and are left out.
+``if TYPE_CHECKING:`` never run and are left out. The package graph collapses it to lora_fx's
+parts (``lora_fx.onnx.verify`` → ``lora_fx.onnx``; a top-level module such as
+``lora_fx.deploy_format`` is its own part): an edge A → B for any import of a module of B in a
+module of A, so that layers keep one direction (``lora_fx.onnx`` may import ``lora_fx.ort``,
+never the reverse: what both need lives in ``lora_fx.deploy_format``).
 """
 
 from __future__ import annotations
@@ -137,14 +141,31 @@ def import_graph(found: list[Import]) -> nx.DiGraph:
     return graph
 
 
+def part_of(module: str) -> str:
+    """The first-level part of lora_fx that ``module`` is in: its subpackage, or itself."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph(graph: nx.DiGraph) -> nx.DiGraph:
+    """``graph`` collapsed to lora_fx's parts (``part_of``); each edge keeps the first Import,
+    by importer and line, of a module of one part by a module of the other."""
+    packages = nx.DiGraph()
+    for a, b, data in sorted(graph.edges(data=True), key=lambda e: (e[0], e[2]["imp"].line)):
+        pa, pb = part_of(a), part_of(b)
+        if pa != pb and not packages.has_edge(pa, pb):
+            packages.add_edge(pa, pb, imp=data["imp"])
+    return packages
+
+
 def cycles(graph: nx.DiGraph, root: Path) -> list[str]:
-    """One cycle per strongly connected component, written out with each import's line."""
+    """One cycle per strongly connected component, written out with one import per edge."""
     out = []
     for component in nx.strongly_connected_components(graph):
         if len(component) < 2:
             continue
         edges = nx.find_cycle(graph.subgraph(component))
-        steps = [f"{graph.edges[a, b]['imp'].where(root)} imports {b}" for a, b in edges]
+        steps = [f"{graph.edges[a, b]['imp'].where(root)} imports {graph.edges[a, b]['imp'].target}"
+                 for a, b in edges]
         out.append(" -> ".join([edges[0][0], *(b for _, b in edges)]) + ":\n    "
                    + "\n    ".join(steps))
     return sorted(out)
@@ -172,6 +193,16 @@ LIBRARY = ROOT / PACKAGE
 def test_no_import_cycles() -> None:
     found = cycles(import_graph(imports(LIBRARY)), LIBRARY)
     assert not found, "import cycles in lora_fx:\n" + "\n".join(found)
+
+
+def test_no_import_cycles_between_packages() -> None:
+    """The parts of lora_fx (capture, match, graph, branches, variants, passes, model, adapter,
+    onnx, ort, cli, ..., and top-level modules such as config and deploy_format) import each
+    other one way: a cycle here means a shared piece belongs in a lower part."""
+    found = cycles(package_graph(import_graph(imports(LIBRARY))), LIBRARY)
+    assert not found, ("import cycles between lora_fx's packages (move what both sides need to "
+                       "the lower one, e.g. lora_fx.deploy_format for onnx and ort):\n"
+                       + "\n".join(found))
 
 
 def test_no_imports_inside_functions_but_deferred_optional_dependencies() -> None:
@@ -284,6 +315,26 @@ def test_checks_catch_planted_faults(tmp_path: Path) -> None:
     assert "lora_fx/sub/deep.py:1" in found_cycles[0]
     bad = function_imports(found, root)
     assert len(bad) == 2 and "in f(): import json" in bad[0] and "import lora_fx.b" in bad[1]
+
+
+def test_package_check_catches_a_cycle_no_module_cycle_shows(tmp_path: Path) -> None:
+    """p.a imports q.b and q.c imports p.d: no module cycle, a package cycle p -> q -> p,
+    reported with the file and line of one import per edge; a top-level module is a part."""
+    root = _package(tmp_path, {
+        "__init__.py": "",
+        "p/__init__.py": "", "p/a.py": "from ..q import b\n", "p/d.py": "from .. import top\n",
+        "q/__init__.py": "", "q/b.py": "", "q/c.py": "import json\nfrom lora_fx.p import d\n",
+        "top.py": "",
+    })
+    graph = import_graph(imports(root))
+    assert not cycles(graph, root)
+    packages = package_graph(graph)
+    assert set(packages.edges) == {("lora_fx.p", "lora_fx.q"), ("lora_fx.q", "lora_fx.p"),
+                                   ("lora_fx.p", "lora_fx.top")}
+    found = cycles(packages, root)
+    assert len(found) == 1, found
+    assert "lora_fx/p/a.py:1) imports lora_fx.q.b" in found[0]
+    assert "lora_fx/q/c.py:2) imports lora_fx.p.d" in found[0]
 
 
 def test_fresh_interpreter_check_reports_a_broken_module(tmp_path: Path) -> None:
