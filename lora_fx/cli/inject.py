@@ -19,13 +19,15 @@ from ..model.inject import inject
 from ..model.params import count_parameters
 from ..model.plan import plan_model
 from .common import echo_json, init_value, patterns, site_json, table, target_config
+from .lists import ListCommand, ListOption
 from .options import adapter_dtype_option, device_option, dtype_option
 
 
-@click.command("inject")
+@click.command("inject", cls=ListCommand)
 @click.argument("model")
-@click.option("-t", "--target", "targets", multiple=True,
-              help="Site name or .-suffix (repeatable), as PEFT's target_modules; "
+@click.option("-t", "--target", "targets", cls=ListOption,
+              help="Site names or .-suffixes, as PEFT's target_modules: -t a,b, -t a b "
+                   "or -t a -t b; "
                    "'all-linear' for every linear but the output head.")
 @click.option("--target-regex", help="A regex matched against the whole site name instead.")
 @click.option("-r", "--rank", "rank", type=int, default=8, show_default=True)
@@ -36,7 +38,8 @@ from .options import adapter_dtype_option, device_option, dtype_option
               help="init_lora_weights: true (B=0), gaussian, false.")
 @click.option("--rank-pattern", multiple=True, help="REGEX=RANK per-site rank (repeatable).")
 @click.option("--alpha-pattern", multiple=True, help="REGEX=ALPHA per-site alpha (repeatable).")
-@click.option("--modules-to-save", multiple=True, help="Module trained in full (e.g. a head).")
+@click.option("--modules-to-save", cls=ListOption,
+              help="Modules trained in full (e.g. a head), as -t.")
 @click.option("-o", "--output", type=click.Path(), help="Adapter directory to write.")
 @click.option("--dry-run", is_flag=True, help="Plan only, on the meta device: nothing written.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")

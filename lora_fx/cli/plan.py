@@ -11,6 +11,7 @@ import click
 
 from ..model.plan import plan_spec
 from .common import target_config
+from .lists import ListCommand, ListOption
 
 
 def _human(n: float, unit: str = "B") -> str:
@@ -21,14 +22,16 @@ def _human(n: float, unit: str = "B") -> str:
     return f"{n:.1f} P{unit}"
 
 
-@click.command("plan")
+@click.command("plan", cls=ListCommand)
 @click.argument("model")
-@click.option("-t", "--target", "targets", multiple=True,
-              help="Site name or .-suffix (repeatable), as PEFT's target_modules.")
+@click.option("-t", "--target", "targets", cls=ListOption,
+              help="Site names or .-suffixes, as PEFT's target_modules: -t a,b, -t a b "
+                   "or -t a -t b.")
 @click.option("--target-regex", help="A regex matched against the whole site name instead.")
 @click.option("-r", "--rank", type=int, default=8, show_default=True)
 @click.option("--alpha", type=float, default=None, help="lora_alpha (default: the rank).")
-@click.option("--modules-to-save", multiple=True, help="Module trained in full (e.g. a head).")
+@click.option("--modules-to-save", cls=ListOption,
+              help="Modules trained in full (e.g. a head), as -t.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def plan_command(model: str, targets: tuple[str, ...], target_regex: str | None, rank: int,
                  alpha: float | None, modules_to_save: tuple[str, ...], as_json: bool) -> None:
