@@ -18,7 +18,7 @@ from ..graph.attrs import set_attr_cow
 from ..graph.copy import copy_graph
 from ..graph.state import LoraState, get_state
 from ..match.matcher import weight_readers
-from ..passes.merge import merge_pass, site_uses
+from ..passes.merge import erase_branches, merge_pass, site_uses
 from ..passes.runner import run_pass
 from ..progress import stage
 from .params import branches
@@ -57,6 +57,22 @@ def merge(gm: nn.Module, inplace: bool = False) -> fx.GraphModule:
             new.delete_all_unused_submodules()
     new.train(gm.training)
     return new
+
+
+def without_branches(gm: nn.Module) -> nn.Module:
+    """The injected ``gm`` with its branches erased and nothing folded: y = W x at every site,
+    the base model (modules_to_save keep their trained copies). Shares ``gm``'s tensors; what
+    verification compares a file's adapter effect against. A module without branches is
+    returned as it is."""
+    if not isinstance(gm, fx.GraphModule) or get_state(gm) is None:
+        return gm
+    graph = copy_graph(gm.graph)
+    erase_branches(graph)
+    base = like(gm, graph)
+    base.meta[CAPTURE_KEY] = gm.meta.get(CAPTURE_KEY, "export")
+    carry(gm, base)
+    base.train(gm.training)
+    return base
 
 
 def _fold_in_place(gm: fx.GraphModule, new: fx.GraphModule,

@@ -17,8 +17,8 @@ the base model and the adapter file against the adapter.
 
 fp16 (``dtype``): merged or converted in fp32, every weight cast once and the wrapper captured
 again in fp16 (``prepare.lowered``), so its KV cache inputs and outputs are fp16, as ONNX
-Runtime GenAI's fp16 decoders; verified against the fp32 PyTorch outputs within
-``DTYPE_RTOL["fp16"] · max(1, max |y|)``. bf16 is refused: ONNX Runtime's CPU provider has no
+Runtime GenAI's fp16 decoders; verified against the fp32 PyTorch outputs within fp16's limit
+(``onnx.limits``). bf16 is refused: ONNX Runtime's CPU provider has no
 bf16 kernels to verify such a decoder with.
 """
 
@@ -35,7 +35,7 @@ from torch import nn
 from ..adapter.peft import Adapter, read_adapter
 from ..capture.program import captured_program
 from ..capture.trace import capture
-from ..deploy_format import A_SUFFIX, B_SUFFIX, DTYPE_RTOL
+from ..deploy_format import A_SUFFIX, B_SUFFIX
 from ..errors import LoraFxError
 from ..fileio import check_writable_dir
 from ..graph.attrs import set_attr_cow
@@ -47,11 +47,12 @@ from ..ort.serving import AdapterSession
 from .export import trace
 from .genai import write_genai_files
 from .kv_cache import KvModule, kv_decoder, name_io, trace_inputs
+from .limits import Check, judge, refuse
 from .prepare import Prepared, cast_inputs, prepare
 from .report import op_histogram
 from .save import save_program
 from .unmerged import branch_paths
-from .verify import forward, torch_max_diff
+from .verify import forward
 
 
 @dataclass
@@ -66,14 +67,15 @@ class KvReport:
     lora_inputs: dict[str, dict[str, int]] = field(default_factory=dict)
     copied: list[str] = field(default_factory=list)          # tokenizer files
     max_abs_diff: dict[str, float] = field(default_factory=dict)   # check → max |ORT − torch|
-    limits: dict[str, float] = field(default_factory=dict)  # check → its tolerance (fp16)
+    limits: dict[str, float] = field(default_factory=dict)  # check → its limit (onnx.limits)
+    checks: list[Check] = field(default_factory=list)       # one per verified case
     provider: str | None = None
     dtype: str = "fp32"
 
 
 def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter | None = None,
               merge: bool = True, opset: int | None = None, verify: bool = True,
-              atol: float = 1e-4, providers: list[str] | None = None,
+              atol: float | None = None, providers: list[str] | None = None,
               source: str | Path | None = None, adapter_name: str = "adapter",
               dtype: str = "fp32") -> KvReport:
     """Export the Hugging Face decoder ``model`` (with ``adapter``: a directory or an
@@ -153,16 +155,18 @@ def zero_defaults(deploy: nn.Module) -> nn.Module:
     return deploy
 
 
-def verify_kv(report: KvReport, kv: KvModule, reference: nn.Module, atol: float = 1e-4,
+def verify_kv(report: KvReport, kv: KvModule, reference: nn.Module, atol: float | None = None,
               providers: list[str] | None = None) -> None:
     """ONNX Runtime against PyTorch at past 3 (the traced shapes) and at past 0 (a prefill of
-    batch 1, 5 tokens); for an unmerged file, also with its adapter file active. Raises
-    LoraFxError above ``atol``."""
+    batch 1, 5 tokens); for an unmerged file, also with its adapter file active. A case that
+    runs the adapter is also bounded by its own effect (``kv.wrapper``, the base decoder,
+    on the same inputs). Raises LoraFxError above the limit (``onnx.limits``)."""
     # CUDA with TF32 off: fp32 MatMuls comparable with PyTorch's (ort.runtime)
     sess = AdapterSession(report.path, without_tf32(providers or ["CPUExecutionProvider"]))
     report.provider = sess.provider
     prefill, _ = trace_inputs(kv.layout, seed=1, batch=1, seq=5, past=0)
     unmerged = report.adapter_file is not None
+    adapted = reference is not kv.wrapper
     base = kv.wrapper if unmerged else reference  # the file with no adapter active
     checks: list[tuple[str, tuple[Any, ...], nn.Module, str | None]] = [
         ("decode", kv.example_inputs, base, None), ("prefill", prefill, base, None)]
@@ -172,8 +176,10 @@ def verify_kv(report: KvReport, kv: KvModule, reference: nn.Module, atol: float 
                    ("prefill+adapter", prefill, reference, "exported")]
     for name, args, module, adapter in checks:
         got = sess.run(feeds_of(report, kv.layout, args), adapter)
-        record(report, name, got, forward(module, args), atol)
-    check_worst(report, atol)
+        without = forward(kv.wrapper, args) if adapted and module is reference else None
+        record(report, judge(name, got, forward(module, args), report.dtype, without,
+                             atol=atol))
+    refuse(report.checks, report.provider, report.path)
 
 
 def feeds_of(report: KvReport, layout: Any, args: tuple[Any, ...]) -> dict[str, Any]:
@@ -182,14 +188,11 @@ def feeds_of(report: KvReport, layout: Any, args: tuple[Any, ...]) -> dict[str, 
     return dict(zip(layout.input_names(), flat_inputs(fed), strict=True))
 
 
-def record(report: KvReport, name: str, got: list[Any], want: list[torch.Tensor],
-           atol: float) -> None:
-    """max |ONNX Runtime − PyTorch fp32| of check ``name``; an fp16 file's limit is
-    ``DTYPE_RTOL["fp16"] · max(1, max |y|)`` (at least ``atol``)."""
-    report.max_abs_diff[name] = torch_max_diff([torch.from_numpy(g) for g in got], want)
-    if report.dtype != "fp32":
-        scale = max((float(w.abs().max()) for w in want if w.numel()), default=1.0)
-        report.limits[name] = max(atol, DTYPE_RTOL[report.dtype] * max(1.0, scale))
+def record(report: KvReport, check: Check) -> None:
+    """Keep ``check`` in the report (and its error and limit under its name)."""
+    report.checks.append(check)
+    report.max_abs_diff[check.name] = check.max_abs_diff
+    report.limits[check.name] = check.limit
 
 
 def flat_inputs(args: tuple[Any, ...]) -> list[Any]:
@@ -197,16 +200,3 @@ def flat_inputs(args: tuple[Any, ...]) -> list[Any]:
     for a in args:
         out.extend(a if isinstance(a, list) else [a])
     return out
-
-
-def check_worst(report: KvReport, atol: float) -> None:
-    """Refuse the written file when a check differs from PyTorch by more than its limit
-    (``report.limits``, else ``atol``)."""
-    over = {k: v / report.limits.get(k, atol) for k, v in report.max_abs_diff.items()}
-    worst = max(over, key=lambda k: over[k])
-    if not over[worst] <= 1.0:
-        raise LoraFxError(f"verification failed: max |ONNX Runtime - PyTorch| = "
-                          f"{report.max_abs_diff[worst]:.3g} > "
-                          f"{report.limits.get(worst, atol):.3g} ({worst}) on "
-                          f"{report.provider}; the file {report.path} was written, do not "
-                          "deploy it")

@@ -32,7 +32,8 @@ from ..fileio import check_writable_dir
 from ..ort.serving import AdapterSession
 from .genai import write_genai_files
 from .kv_cache import BATCH, kv_decoder, name_io, trace_inputs
-from .kv_export import KvReport, check_kv_dtype, check_worst, feeds_of, record
+from .kv_export import KvReport, check_kv_dtype, feeds_of, record
+from .limits import judge, refuse
 from .mixed_batch import MixedBatch, example_ids, mixed_module
 from .mixed_export import batch_of, checked_outputs, mixed_program
 from .prepare import cast_inputs, cast_module
@@ -43,7 +44,7 @@ from .verify import forward
 
 def export_kv_mixed(model: nn.Module, path: str | Path,
                     adapters: Mapping[str, str | Path | Adapter] | Sequence[str | Path],
-                    opset: int | None = None, verify: bool = True, atol: float = 1e-4,
+                    opset: int | None = None, verify: bool = True, atol: float | None = None,
                     providers: list[str] | None = None,
                     source: str | Path | None = None, dtype: str = "fp32") -> KvReport:
     """Export the Hugging Face decoder ``model`` with its KV cache and ``adapters`` (id k =
@@ -89,14 +90,16 @@ def _name_ids(model: Any, index: int) -> None:
 
 
 def verify_kv_mixed(report: KvReport, mixed: MixedBatch, layout: Any, decode: tuple[Any, ...],
-                    ids: torch.Tensor, atol: float = 1e-4,
+                    ids: torch.Tensor, atol: float | None = None,
                     providers: list[str] | None = None) -> None:
     """ONNX Runtime against PyTorch, rows on adapters ``ids``: a decode step (past 3) and a
-    prefill (past 0, 5 tokens); raises LoraFxError above ``atol``."""
+    prefill (past 0, 5 tokens); raises LoraFxError above the limit (``onnx.limits``)."""
     sess = AdapterSession(report.path, providers or ["CPUExecutionProvider"])
     report.provider = sess.provider
     prefill, _ = trace_inputs(layout, seed=1, batch=len(ids), seq=5, past=0)
     for name, args in (("decode", decode), ("prefill", prefill)):
         got = sess.run(feeds_of(report, layout, args), rows=ids.tolist())
-        record(report, name, got, forward(mixed, (*args, ids)), atol)
-    check_worst(report, atol)
+        base = forward(mixed, (*args, torch.zeros_like(ids)))  # every row on id 0: no adapter
+        record(report, judge(name, got, forward(mixed, (*args, ids)), report.dtype, base,
+                             atol=atol))
+    refuse(report.checks, report.provider, report.path)

@@ -54,7 +54,7 @@ from .verify import forward, torch_max_diff, verify_file
 def export_mixed(model: nn.Module, example_inputs: tuple[Any, ...],
                  adapters: Mapping[str, str | Path | Adapter] | Sequence[str | Path],
                  path: str | Path, opset: int | None = None, verify: bool = True,
-                 dynamic_shapes: Any = None, atol: float = 1e-4,
+                 dynamic_shapes: Any = None, atol: float | None = None,
                  providers: list[str] | None = None, dtype: str | None = None) -> ExportReport:
     """Export base ``model`` with ``adapters`` (id k = k-th; directories named by their
     folder names, or a mapping name → directory / ``Adapter``) as one mixed-batch ONNX file.
@@ -87,7 +87,9 @@ def export_mixed(model: nn.Module, example_inputs: tuple[Any, ...],
     forget_rewriter_state()
     report.extras["ids_file"] = str(write_ids(path, mixed.names))
     if want is not None:
-        verify_file(report, (*traced_args, ids), want, atol, providers, dtype, layout=layout)
+        base = forward(mixed, (*args, torch.zeros_like(ids)))  # every row on id 0: no adapter
+        verify_file(report, (*traced_args, ids), want, atol, providers, dtype, layout=layout,
+                    base=base)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -11,6 +11,8 @@ from typing import Any
 import onnx
 from onnx_ir.traversal import RecursiveGraphIterator
 
+from .limits import Check
+
 
 @dataclass
 class ExportReport:
@@ -22,6 +24,7 @@ class ExportReport:
     max_abs_diff: float | None = None
     provider: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)   # one per verified case
 
 
 def op_histogram(model: Any) -> Counter[str]:

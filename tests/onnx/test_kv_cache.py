@@ -9,7 +9,7 @@ of 2 prompts, driven by onnxruntime (lorafx's loop) and by onnxruntime_genai, eq
 - unmerged, with A1's file written beside the model, and with a second adapter A2 (rank 8,
   fewer targets) converted by ``convert-adapter`` and swapped in;
 - unmerged with no adapter active: the base model's tokens.
-Prefill logits are within 1e-4 of PEFT's (the merged file: of PEFT's ``merge_and_unload()``;
+Prefill logits are within 1e-4 + 2e-5 · max |logits| of PEFT's (the merged file: of PEFT's ``merge_and_unload()``;
 with these wide weights merged and unmerged PEFT differ by up to 3e-4 on a prompt). Every
 reference step is decided by a clear margin (top-1 minus top-2 logit, checked), so that no
 comparison turns on rounding.
@@ -170,7 +170,9 @@ def test_prefill_logits_match_peft(family: dict[str, Any]) -> None:
         dec = OrtDecoder(Folder.open(family["tmp"] / folder))
         name = dec.load_adapter(family["tmp"] / folder / adapter) if adapter else None
         logits = dec.step(dec.prefill_feeds(prompts), name)[0].numpy()
-        np.testing.assert_allclose(logits, family["refs"][ref][1], atol=1e-4, rtol=0,
+        want = family["refs"][ref][1]
+        limit = 1e-4 + 2e-5 * float(np.abs(want).max())  # fp32 reordering grows with |y|
+        np.testing.assert_allclose(logits, want, atol=limit, rtol=0,
                                    err_msg=f"{folder} {adapter}")
 
 
