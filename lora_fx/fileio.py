@@ -11,8 +11,9 @@ A failed or killed write leaves the previous content whole:
   each file is renamed in turn.
 
 A killed process cannot remove its temporary; the next write to the same target removes the
-temporaries of processes that no longer run. Disk full, read-only and missing directories
-become one-line ``LoraFxError`` s.
+temporaries of processes that no longer run. Missing parent folders are made once there is
+something to write (``made_dirs``) and removed again when the write fails. Disk full, read-only
+and uncreatable directories become one-line ``LoraFxError`` s.
 """
 
 from __future__ import annotations
@@ -47,14 +48,51 @@ def check_writable_dir(directory: Path) -> None:
                           "read-only file system): choose another output path")
 
 
+def check_creatable_dir(directory: Path) -> None:
+    """Refuse early when ``directory`` can be neither written nor made: missing folders are
+    fine where the nearest existing one is a writable directory (``made_dirs`` makes them)."""
+    existing = next((p for p in [directory, *directory.parents] if p.exists()), None)
+    if existing is None or existing == directory:
+        check_writable_dir(directory)
+        return
+    if not existing.is_dir():
+        raise LoraFxError(f"output directory {directory} cannot be created: {existing} is a "
+                          "file; choose another output path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LoraFxError(f"output directory {directory} cannot be created: {existing} is not "
+                          "writable; choose another output path")
+
+
+@contextlib.contextmanager
+def made_dirs(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """Make ``directory`` and its missing parents for a write that follows in the ``with``
+    block; when the block fails, remove the ones made here that are still empty, so a failed
+    write leaves no folder behind."""
+    directory = Path(directory)
+    check_creatable_dir(directory)
+    missing = [p for p in [directory, *directory.parents] if not p.exists()]  # deepest first
+    try:
+        for folder in reversed(missing):
+            folder.mkdir(exist_ok=True)
+        yield directory
+    except BaseException as err:
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: never what another writer put there
+        mapped = io_error(directory, err)
+        if mapped is None:
+            raise
+        raise mapped from err
+
+
 def check_output_file(path: str | os.PathLike[str], force: bool = False) -> Path:
-    """Refuse before any work: ``path`` a directory, its directory missing or read-only, or
-    an existing file without ``force`` (the one overwrite policy of every command)."""
+    """Refuse before any work: ``path`` a directory, its directory read-only or impossible to
+    make, or an existing file without ``force`` (the one overwrite policy of every command)."""
     path = Path(path)
     if path.is_dir():
         raise LoraFxError(f"{path} is a directory: pass a file path such as "
                           f"{path / 'model.onnx'}")
-    check_writable_dir(path.parent.resolve())
+    check_creatable_dir(path.parent.resolve())
     if path.exists() and not force:
         raise LoraFxError(f"{path} exists: pass --force (force=True) to overwrite it")
     return path
@@ -166,31 +204,33 @@ def atomic_path(target: str | os.PathLike[str], verify: Verify | None = None) ->
     """Yield a temporary path beside ``target``; on success rename it onto ``target``.
 
     The caller writes the complete file at the yielded path; ``verify(tmp)`` may check it.
-    On any exception the temporary is removed and ``target`` is left as it was.
+    On any exception the temporary is removed and ``target`` is left as it was; missing parent
+    folders are made for the write and removed again on failure.
     """
     target = Path(os.path.realpath(target)) if Path(target).is_symlink() else Path(target)
     parent = target.parent.resolve()
-    check_writable_dir(parent)
+    check_creatable_dir(parent)
     if target.is_dir():
         raise LoraFxError(f"{target} is a directory: pass a file path")
-    sweep_stale(parent, target.name)
-    tmp = temp_path(parent, target.name)
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        yield tmp
-        if verify is not None:
-            verify(tmp)
-        _fsync(tmp)
-        os.chmod(tmp, _mode(target, 0o666))
-        os.replace(tmp, target)
-        _fsync(parent)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        mapped = io_error(target, err)
-        if mapped is None:
-            raise
-        raise mapped from err
+    with made_dirs(parent):
+        sweep_stale(parent, target.name)
+        tmp = temp_path(parent, target.name)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            yield tmp
+            if verify is not None:
+                verify(tmp)
+            _fsync(tmp)
+            os.chmod(tmp, _mode(target, 0o666))
+            os.replace(tmp, target)
+            _fsync(parent)
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            mapped = io_error(target, err)
+            if mapped is None:
+                raise
+            raise mapped from err
 
 
 # --- one directory ----------------------------------------------------------------------------
@@ -251,28 +291,30 @@ def atomic_dir(target: str | os.PathLike[str], force: bool = False,
                verify: Verify | None = None) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``target``; on success it becomes ``target``.
 
-    Files of an existing ``target`` that the new content does not replace are kept. On
-    failure (or ``verify(tmp)`` raising) nothing in ``target`` changes.
+    Files of an existing ``target`` that the new content does not replace are kept; missing
+    parent folders are made. On failure (or ``verify(tmp)`` raising) nothing in ``target``
+    changes and no folder made here is left.
     """
     target = Path(os.path.realpath(target)) if Path(target).is_symlink() else Path(target)
     parent = target.parent.resolve()
-    check_writable_dir(parent)
+    check_creatable_dir(parent)
     if target.exists() and not target.is_dir():
         raise LoraFxError(f"{target} exists and is not a directory: choose another output path")
-    sweep_stale(parent, target.name)
-    tmp = temp_path(parent, target.name)
-    try:
-        tmp.mkdir(mode=0o700)
-        yield tmp
-        if verify is not None:
-            verify(tmp)
-        _fsync_tree(tmp)
-        _commit_dir(tmp, target)
-        _fsync(parent)
-    except BaseException as err:
-        mapped = io_error(target, err)
-        if mapped is None:
-            raise
-        raise mapped from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with made_dirs(parent):
+        sweep_stale(parent, target.name)
+        tmp = temp_path(parent, target.name)
+        try:
+            tmp.mkdir(mode=0o700)
+            yield tmp
+            if verify is not None:
+                verify(tmp)
+            _fsync_tree(tmp)
+            _commit_dir(tmp, target)
+            _fsync(parent)
+        except BaseException as err:
+            mapped = io_error(target, err)
+            if mapped is None:
+                raise
+            raise mapped from err
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

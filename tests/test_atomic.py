@@ -24,7 +24,8 @@ import torch
 import lora_fx
 from lora_fx.adapter.peft import read_adapter, write_adapter
 from lora_fx.errors import LoraFxError
-from lora_fx.fileio import atomic_dir, atomic_path, exchange, io_error, sweep_stale
+from lora_fx.fileio import (atomic_dir, atomic_path, check_creatable_dir, exchange, io_error,
+                            made_dirs, sweep_stale)
 from lora_fx.load.model import load_model
 from tests.helpers import TINY, fill_disk, randomize_lora, tmpfs
 
@@ -211,6 +212,43 @@ def test_atomic_dir_through_a_symlink(tmp_path: Path) -> None:
     with atomic_dir(tmp_path / "link") as tmp:
         (tmp / "f").write_text("x")
     assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "f").read_text() == "x"
+
+
+def test_missing_parent_folders_are_made_and_removed_again_on_failure(tmp_path: Path
+                                                                      ) -> None:
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "a" / "b" / "out.bin") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+    with pytest.raises(LoraFxError), atomic_dir(tmp_path / "c" / "d" / "ad") as tmp:
+        (tmp / "f").write_text("x")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+    with atomic_path(tmp_path / "a" / "b" / "out.bin") as tmp:
+        tmp.write_bytes(b"new")
+    with atomic_dir(tmp_path / "c" / "d" / "ad") as tmp:
+        (tmp / "f").write_text("x")
+    assert _tree(tmp_path) == {"a/b/out.bin": b"new", "c/d/ad/f": b"x"}
+    (tmp_path / "a" / "keep").write_text("someone else's")  # a made folder others wrote to
+    with pytest.raises(RuntimeError), made_dirs(tmp_path / "a" / "e" / "f"):
+        raise RuntimeError("failed")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b", "keep"]
+
+
+def test_a_folder_that_cannot_be_made_is_refused_before_any_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LoraFxError, match=r"cannot be created: .*file is a file"):
+        check_creatable_dir(tmp_path / "file" / "a" / "b")
+    with pytest.raises(LoraFxError, match="cannot be created"), \
+            atomic_path(tmp_path / "file" / "a" / "out.bin"):
+        raise AssertionError("not reached")
+    check_creatable_dir(tmp_path / "new" / "deeper")  # missing but makeable: fine
+    assert not (tmp_path / "new").exists()  # a check makes nothing
+    (tmp_path / "ro").mkdir()
+    access = os.access  # root writes anywhere: the read-only folder is simulated
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and Path(p).name != "ro")
+    with pytest.raises(LoraFxError, match=r"ro is not writable"):
+        check_creatable_dir(tmp_path / "ro" / "a")
 
 
 def test_sweep_removes_only_dead_temporaries(tmp_path: Path) -> None:

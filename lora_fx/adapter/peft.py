@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..branches.base import lora_delta
 from ..config import LoraConfig
 from ..errors import LoraFxError
-from ..fileio import atomic_dir, check_writable_dir
+from ..fileio import atomic_dir, check_creatable_dir
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # one site's (A, B), PEFT's layouts
 CONFIG_NAME = "adapter_config.json"
@@ -176,11 +176,12 @@ def is_adapter_config(path: Path) -> bool:
 
 def check_adapter_output(directory: str | Path, force: bool = False) -> Path:
     """Refuse before any work to write an adapter into ``directory`` when it is a file, holds
-    an ``adapter_config.json`` that is not an adapter's, or (without ``force``) an adapter."""
+    an ``adapter_config.json`` that is not an adapter's, or (without ``force``) an adapter.
+    Missing parent folders are fine where they can be made (the write makes them)."""
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise LoraFxError(f"{d} is a file, not a directory: choose another output path")
-    check_writable_dir(d.parent.resolve())
+    check_creatable_dir(d.parent.resolve())
     config = d / CONFIG_NAME
     if config.exists() and not is_adapter_config(config):
         raise LoraFxError(f"{config} is not an adapter's config (no peft_type): write the "

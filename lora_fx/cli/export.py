@@ -13,7 +13,7 @@ from ..api import export_kv_mixed, export_mixed, export_onnx
 from ..capture.trace import capture
 from ..deploy_format import ids_file, read_ids
 from ..errors import LoraFxError
-from ..fileio import check_output_file
+from ..fileio import check_output_file, made_dirs
 from ..load.device import place, resolve_device
 from ..load.model import load_model
 from ..model.adapters import load_adapter
@@ -50,9 +50,7 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
                    output: str, opset: int | None, verify: bool, dtype: str, kv_cache: bool,
                    as_json: bool, device: str | None, force: bool) -> None:
     """Export MODEL (with --adapter: merged or not; several: --mixed-batch) to ONNX."""
-
-    if not kv_cache or Path(output).exists():  # --kv-cache makes the folder: it may not exist
-        check_output_file(output, force)  # before any work
+    check_output_file(output, force)  # before any work; missing folders are made to write
     if device is not None and (mixed_batch or len(adapters) > 1 or kv_cache):
         raise LoraFxError("--device with --kv-cache or several adapters is not supported yet: "
                           "export those on the CPU (drop --device)")
@@ -73,9 +71,10 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
     else:
         gm = capture(loaded.module, loaded.example_inputs, loaded.dynamic_shapes)
     gm.eval()
-    report = export_onnx(gm, loaded.example_inputs, output, merge=merge, opset=opset,
-                         verify=verify, dynamic_shapes=loaded.dynamic_shapes, dtype=dtype,
-                         model=loaded.module, release=True)  # this process is done with it
+    with made_dirs(Path(output).parent):  # removed again if the export fails
+        report = export_onnx(gm, loaded.example_inputs, output, merge=merge, opset=opset,
+                             verify=verify, dynamic_shapes=loaded.dynamic_shapes, dtype=dtype,
+                             model=loaded.module, release=True)  # this process is done with it
     data: dict[str, Any] = {"output": str(report.path), "merged": bool(adapter_dir) and merge,
             "seconds": round(report.seconds, 3), "external_data": report.external_data,
             "nodes": sum(report.op_histogram.values()), "op_histogram": report.op_histogram,
@@ -117,14 +116,17 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
         raise LoraFxError(f"--kv-cache writes a folder: pass -o DIR/model.onnx, not {output}")
     named = named_dirs(adapters)
     loaded = load_model(model)
-    if kv_cache:
-        report: Any = export_kv_mixed(loaded.module, output, named, opset=opset, verify=verify,
-                                      source=loaded.extras.get("directory"), dtype=dtype)
-        diff = max(report.max_abs_diff.values(), default=None)
-    else:
-        report = export_mixed(loaded.module, loaded.example_inputs, named, output, opset=opset,
-                              verify=verify, dynamic_shapes=loaded.dynamic_shapes, dtype=dtype)
-        diff = report.max_abs_diff
+    with made_dirs(Path(output).parent):  # removed again if the export fails
+        if kv_cache:
+            report: Any = export_kv_mixed(loaded.module, output, named, opset=opset,
+                                          verify=verify, source=loaded.extras.get("directory"),
+                                          dtype=dtype)
+            diff = max(report.max_abs_diff.values(), default=None)
+        else:
+            report = export_mixed(loaded.module, loaded.example_inputs, named, output,
+                                  opset=opset, verify=verify,
+                                  dynamic_shapes=loaded.dynamic_shapes, dtype=dtype)
+            diff = report.max_abs_diff
     names = read_ids(report.path) or []
     data: dict[str, Any] = {"output": str(report.path), "mixed_batch": True,
                             "kv_cache": kv_cache, "adapters": {n: k for k, n in enumerate(names)},

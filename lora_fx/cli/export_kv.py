@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..errors import LoraFxError
+from ..fileio import made_dirs
 from ..load.model import load_model
 from ..onnx.kv_export import check_kv_dtype, export_kv
 from .common import echo_json
@@ -24,10 +25,11 @@ def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: 
     if out.suffix != ".onnx":
         raise LoraFxError(f"--kv-cache writes a folder: pass -o DIR/model.onnx, not {output}")
     loaded = load_model(model)
-    report = export_kv(loaded.module, out, adapter=adapter_dir, merge=merge, opset=opset,
-                       verify=verify, source=loaded.extras.get("directory"),
-                       adapter_name=Path(adapter_dir).name if adapter_dir else "adapter",
-                       dtype=dtype)
+    with made_dirs(out.parent):  # the folder and its missing parents; removed if it fails
+        report = export_kv(loaded.module, out, adapter=adapter_dir, merge=merge, opset=opset,
+                           verify=verify, source=loaded.extras.get("directory"),
+                           adapter_name=Path(adapter_dir).name if adapter_dir else "adapter",
+                           dtype=dtype)
     layout = report.layout
     kind = "base model" if not adapter_dir else ("merged" if merge else "unmerged")
     data: dict[str, Any] = {

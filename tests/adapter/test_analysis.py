@@ -229,5 +229,7 @@ def test_plot_writes_png_atomically(tmp_path: Path) -> None:
     for path in (heat, spectra):
         assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["phi.png", "spectra.out"]
-    with pytest.raises(LoraFxError, match="does not exist"):
-        plot(analyze(one), tmp_path / "missing" / "x.png")
+    with pytest.raises(LoraFxError, match="phi.png is a file"):
+        plot(analyze(one), tmp_path / "phi.png" / "x.png")
+    made = plot(analyze(one), tmp_path / "missing" / "x.png")  # missing folders are made
+    assert made.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
