@@ -5,8 +5,9 @@ model's modules); when it cannot trace (data-dependent control flow: every Huggi
 ``torch.export.export(..., strict=False)`` in eval mode, rebuilt as a plain GraphModule so that
 ``.train()``/``.eval()`` work. Export bakes dropout in by mode; the fix-ups turn ``aten.dropout``
 back into ``nn.Dropout`` submodules (``capture.dropout``) and feed back the attention dropout
-that SDPA calls lost in eval mode (``capture.attention_dropout``). The program is kept
-(``capture.program``) so that ONNX export need not trace again.
+that SDPA calls lost in eval mode (``capture.attention_dropout``). Mixture-of-experts blocks
+are captured with their exportable ``batched_mm`` implementation (``capture.experts``). The
+program is kept (``capture.program``) so that ONNX export need not trace again.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .attention_dropout import attention_dropout_pass
 from .cache import no_cache
 from .dropout import dropout_pass
 from .dynamic import auto_dynamic, widened
+from .experts import exportable_experts
 from .program import PROGRAM_KEY
 from .recapture import remember
 
@@ -148,7 +150,7 @@ def _torch_export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_sha
                   ) -> Any:
     # torch prints a partial graph to stderr on failure: the error says it in a line
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
-            _no_mha_fastpath(), no_cache(model):
+            _no_mha_fastpath(), no_cache(model), exportable_experts(model):
         warnings.simplefilter("ignore")
         return torch.export.export(model, example_inputs, strict=False,
                                    dynamic_shapes=dynamic_shapes)
