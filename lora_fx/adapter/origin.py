@@ -1,10 +1,12 @@
 """Whether an adapter was made for the model it is applied to: its ``base_model_name_or_path``.
 
-PEFT records what ``from_pretrained`` was given (a hub name or a directory); ``lorafx inject``
-records its MODEL spec (``hf:DIR``, ``path/model.py``). Two names are the same model when
-they are equal once ``hf:`` and ``:factory`` are stripped, resolve to the same path, or (hub
-names against directories) end in the same path component. An adapter whose name matches none
-of the model's names gets a warning: same site names and shapes do not make it the same model.
+PEFT records what ``from_pretrained`` was given (a hub name or a directory); lorafx records the
+same for a transformers model (``config.name_or_path``: ``hf:DIR``'s DIR) and ``lorafx inject``
+a model file's MODEL spec (``path/model.py``); older adapters hold ``hf:DIR`` itself. Two
+names are the same model when they are equal once ``hf:`` and ``:factory`` are stripped,
+resolve to the same path, or (hub names against directories) end in the same path component.
+An adapter whose name matches none of the model's names gets a warning: same site names and
+shapes do not make it the same model.
 """
 
 from __future__ import annotations

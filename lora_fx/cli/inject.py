@@ -18,6 +18,7 @@ from ..model.adapters import save_adapter
 from ..model.inject import inject
 from ..model.params import count_parameters
 from ..model.plan import plan_model
+from ..model.saving import base_model_name
 from .common import echo_json, init_value, patterns, site_json, table, target_config
 from .lists import ListCommand, ListOption
 from .options import adapter_dtype_option, device_option, dtype_option
@@ -74,8 +75,9 @@ def inject_command(model: str, targets: tuple[str, ...], target_regex: str | Non
         return
     place(loaded, where, resolve_dtype(model_dtype))  # capture where the weights live
     torch.manual_seed(seed)  # after the model file ran: it may seed torch itself
+    # PEFT's record: hf:DIR's DIR (config.name_or_path); a model file's spec otherwise
+    config.base_model_name_or_path = base_model_name(loaded.module) or model
     gm = inject(loaded.module, loaded.example_inputs, config, loaded.dynamic_shapes)
-    config.base_model_name_or_path = config.base_model_name_or_path or model
     assert output is not None
     save_adapter(gm, output, force=force)
     state = require_state(gm)

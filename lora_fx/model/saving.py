@@ -24,7 +24,9 @@ def to_adapter(gm: nn.Module) -> Adapter:
 
     Its config is what PEFT reads: ``all-linear`` / ``target_forms`` become the explicit site
     list, and a fused site is its exact plain equivalent (rank k·r, alpha keeping s); lorafx's
-    own config then rides along in ``Adapter.lorafx`` (``lorafx_config.json``).
+    own config then rides along in ``Adapter.lorafx`` (``lorafx_config.json``). With no
+    ``base_model_name_or_path`` in its config, a transformers model's name is recorded, as PEFT
+    does.
     """
     state = require_state(gm)
     brs = branches(gm)
@@ -33,9 +35,19 @@ def to_adapter(gm: nn.Module) -> Adapter:
     saved = {f"{name}.{pname}": p.detach() for name in state.saved
              for pname, p in gm.get_submodule(name).named_parameters()}
     config, lorafx = _peft_view(state.config, list(state.sites), brs)
+    if config.base_model_name_or_path is None and base_model_name(gm):  # PEFT records it
+        config = dataclasses.replace(config, base_model_name_or_path=base_model_name(gm))
     magnitude = {name: extra[MAGNITUDE_KEY] for name, b in brs.items()
                  if MAGNITUDE_KEY in (extra := b.extra_tensors())}
     return Adapter(config, lora, saved, kinds, lorafx, magnitude=magnitude)
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    """What PEFT records as ``base_model_name_or_path``: a transformers model's
+    ``config.name_or_path`` (the directory or hub name it was loaded from; an injected model
+    reads its base model's), else None."""
+    name = getattr(getattr(model, "config", None), "name_or_path", None)
+    return name if isinstance(name, str) and name else None
 
 
 def _peft_view(config: LoraConfig, sites: list[str], brs: dict[str, LoraBranch]

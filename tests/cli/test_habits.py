@@ -56,6 +56,22 @@ def test_export_refuses_an_existing_file_or_a_directory_before_any_work(tmp_path
     assert "no_such_model.py does not exist" in line  # --force: on to loading the model
 
 
+def test_outputs_in_missing_folders_are_made_or_refused_before_any_work(tmp_path: Path
+                                                                         ) -> None:
+    (tmp_path / "file").write_text("x")
+    for args in (["-o", str(tmp_path / "file" / "m.onnx")],
+                 ["--kv-cache", "-o", str(tmp_path / "file" / "dir" / "model.onnx")]):
+        line = _error(run_cli("export", MISSING, *args, check=False), tmp_path)
+        assert "cannot be created: " in line and "file is a file" in line  # not the MODEL
+    line = _error(run_cli("export", MISSING, "-o", str(tmp_path / "a" / "b" / "m.onnx"),
+                          check=False), tmp_path)
+    assert "no_such_model.py does not exist" in line and not (tmp_path / "a").exists()
+    run_cli("export", TINY, "-o", str(tmp_path / "a" / "b" / "m.onnx"), "--no-verify")
+    run_cli("inject", TINY, "-t", "w_in", "-o", str(tmp_path / "c" / "d" / "ad"))
+    assert (tmp_path / "a" / "b" / "m.onnx").is_file()
+    assert (tmp_path / "c" / "d" / "ad" / "adapter_model.safetensors").is_file()
+
+
 def test_inject_refuses_a_directory_whose_config_is_not_an_adapters(tmp_path: Path) -> None:
     config = tmp_path / "adapter_config.json"
     config.write_text('{"model_type": "bert"}')
@@ -99,6 +115,17 @@ def embed_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.ir_version = 8  # what every ONNX Runtime reads
     onnx.save(model, path)
     return path
+
+
+def test_inject_records_an_hf_models_directory_as_peft_does(tmp_path: Path) -> None:
+    from tests.helpers import tiny_gpt2
+
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    run_cli("inject", f"hf:{tmp_path / 'gpt2'}", "-t", "c_attn", "-o", str(tmp_path / "a"))
+    run_cli("inject", TINY, "-t", "w_in", "-o", str(tmp_path / "b"))
+    recorded = [json.loads((tmp_path / d / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] for d in ("a", "b")]
+    assert recorded == [str(tmp_path / "gpt2"), TINY]  # a model file: its MODEL spec
 
 
 def test_run_input_errors_are_user_errors(embed_onnx: Path, tmp_path: Path) -> None:
