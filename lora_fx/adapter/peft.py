@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..branches.base import lora_delta
+from ..branches.base import delta_from_factors
 from ..config import LoraConfig
 from ..errors import LoraFxError
 from ..fileio import atomic_dir, check_creatable_dir
@@ -49,7 +49,7 @@ class Adapter:
     def delta(self, site: str) -> torch.Tensor:
         """ΔW = s · B @ A in fp32, shaped like a [out, in] weight."""
         a, b = self.lora[site]
-        return lora_delta(a, b, self.config.scale_for(site))
+        return delta_from_factors(a, b, self.config.scale_for(site))
 
 
 def to_state(adapter: Adapter) -> dict[str, torch.Tensor]:

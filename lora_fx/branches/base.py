@@ -43,8 +43,9 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
 
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """ΔW = s · B @ A in fp32 from PEFT's factors A (r, in, …), B (out, r, …), as [out, in]."""
+def delta_from_factors(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW = s · B @ A in fp32 from PEFT's factors A (r, in, …), B (out, r, …), as [out, in]
+    (the weight's delta; the unmerged export's op ``lorafx::lora_delta`` is the output's)."""
     return scale * (b.float().flatten(1) @ a.float().flatten(1))
 
 class LoraBranch(nn.Module):
@@ -59,6 +60,8 @@ class LoraBranch(nn.Module):
     lora_B: nn.Module
     scaling: float
     compute: str = "input"  # LoraConfig.branch_compute: where Δ is computed on mixed dtypes
+    peft_name: str = ""  # PEFT's module path for the factors where it is not the site's name
+    # (target_parameters: nested ParamWrappers' ``.base_layer`` keys, ``match.parameters``)
 
     def compute_in(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
         """(x in the dtype Δ is computed in, the dtype Δ is returned in).

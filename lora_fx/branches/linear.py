@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraFxError
-from .base import LoraBranch, copy_checked, lora_delta, weight_of
+from .base import LoraBranch, copy_checked, delta_from_factors, weight_of
 
 
 def init_linear_factors(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:
@@ -52,7 +52,7 @@ class LoraLinear(LoraBranch):
 
     def delta_weight(self, layout: str = "out_in") -> torch.Tensor:
         """ΔW = s · B @ A in fp32, [out, in] (its transpose for layout "in_out")."""
-        delta = lora_delta(weight_of(self.lora_A), weight_of(self.lora_B), self.scaling)
+        delta = delta_from_factors(weight_of(self.lora_A), weight_of(self.lora_B), self.scaling)
         return delta.t() if layout == "in_out" else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -68,8 +68,8 @@ class Origin:
 
 
 @dataclasses.dataclass
-class Variant:
-    """A graph captured again for calls of another pattern."""
+class CallGraph:
+    """A graph captured again for calls of another pattern (``capture_for_call``)."""
 
     pattern: Pattern
     module: fx.GraphModule
@@ -110,7 +110,7 @@ class LoraModel(PortableGraphModule):
     graph_forward: Callable[..., Any]  # the graph's generated code, set by recompile
 
     def recompile(self) -> Any:
-        self.__dict__.pop("_lorafx_variants", None)  # captured for the graph before this one
+        self.__dict__.pop("_lorafx_call_graphs", None)  # captured for the graph before this one
         self.__dict__.pop("_lorafx_eager", None)
         code = super().recompile()
         cls = type(self)
@@ -136,7 +136,7 @@ class LoraModel(PortableGraphModule):
         return super().load_state_dict(realias(self, state_dict), strict=strict, assign=assign)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        self.__dict__.pop("_lorafx_variants", None)  # captured for other devices or dtypes
+        self.__dict__.pop("_lorafx_call_graphs", None)  # captured for other devices or dtypes
         self.__dict__.pop("_lorafx_eager", None)
         return super()._apply(fn, recurse)  # baked devices and dtypes follow (graph.portable)
 
@@ -154,13 +154,13 @@ class LoraModel(PortableGraphModule):
         state = stateful(call)
         if state is not None:
             return self.hooked_model(f"a call with {state}=")(*args, **kwargs)
-        variants: list[Variant] = self.__dict__.setdefault("_lorafx_variants", [])
-        variant = next((v for v in variants if fits(v.pattern, call)), None)
-        if variant is None:
-            variant = recapture(self, origin, call)
-            variants.append(variant)
-        variant.module.train(self.training)
-        return variant(call)
+        graphs: list[CallGraph] = self.__dict__.setdefault("_lorafx_call_graphs", [])
+        found = next((g for g in graphs if fits(g.pattern, call)), None)
+        if found is None:
+            found = capture_for_call(self, origin, call)
+            graphs.append(found)
+        found.module.train(self.training)
+        return found(call)
 
     # --- what PEFT users reach for on the model --------------------------------------------
 
@@ -312,7 +312,7 @@ def like(gm: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return new
 
 
-def recapture(model: LoraModel, origin: Origin, call: Call) -> Variant:
+def capture_for_call(model: LoraModel, origin: Origin, call: Call) -> CallGraph:
     """Capture the eager model (over ``model``'s tensors) again for ``call``'s arguments, with
     ``model``'s branches."""
     where = origin.name
@@ -337,7 +337,7 @@ def recapture(model: LoraModel, origin: Origin, call: Call) -> Variant:
     inputs = (*args, *(call.extras[n] for n in tensors))
     gm = capture(twin, inputs) if state is None else _reinject(twin, inputs, state, where)
     alt = _reroot(gm, model, source)
-    return Variant(pattern(call, gm.graph), alt, len(args), tensors)
+    return CallGraph(pattern(call, gm.graph), alt, len(args), tensors)
 
 
 def _declared(signature: inspect.Signature, name: str) -> bool:
