@@ -26,16 +26,20 @@ def inspect_command(model: str, as_json: bool, meta: bool) -> None:
         "capture": gm.meta.get("lorafx_capture"),
         "sites": [{"name": s.name, "form": s.form, "layout": s.layout,
                    "in_features": s.in_features, "out_features": s.out_features,
-                   "kind": s.kind, "peft": peft_reachable(s)} for s in sites],
+                   "kind": s.kind, "experts": s.experts, "peft": peft_reachable(s)}
+                  for s in sites],
         "skipped": [{"name": k.name, "form": k.form, "reason": k.reason} for k in skips],
     }
     if as_json:
         echo_json(data)
         return
     click.echo(f"captured with {data['capture']}: {len(sites)} sites, {len(skips)} skipped")
-    click.echo(table(["site", "form", "in->out", "peft"], [  # peft: PEFT can reach it too
-        row + ["yes" if peft_reachable(s) else "no"] for row, s in zip(site_rows(sites), sites,
-                                                                        strict=True)]))
+    experts = any(s.experts for s in sites)  # a column only for MoE models: E per expert site
+    rows = [row + ([str(s.experts or "")] if experts else []) + [
+        "yes" if peft_reachable(s) else "no"] for row, s in zip(site_rows(sites), sites,
+                                                                 strict=True)]
+    header = ["site", "form", "in->out"] + (["experts"] if experts else []) + ["peft"]
+    click.echo(table(header, rows))  # peft: PEFT can reach it too
     if skips:
         click.echo("\nskipped:")
         click.echo(table(["op", "form", "reason"], [[k.name, k.form, k.reason] for k in skips]))

@@ -5,6 +5,8 @@ with several paths (tied weights) names each use by the path that belongs to the
 running the op (``lm_head`` vs ``transformer.wte``). A tensor read by several ops is still a
 site at each use: the merge gives the targeted uses their own tensor (``passes/untie.py``).
 Anything else linear-looking is a ``Skip`` with a reason, so ``lorafx inspect`` can say why.
+An op reading one expert (or a per-row gather of experts) of a 3-D parameter is an expert site
+named by that parameter (``match.experts``): all its uses share one branch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from torch import fx, nn
 
 from ..graph.attrs import innermost_module, resolve_attr, transposed
+from .experts import ExpertUse, expert_use, see_through
 from .rules import MODULE_RULES, Layout, Rule, aten, rule_for
 
 
@@ -37,6 +40,9 @@ class Site:
     module: str = ""       # path of the module running the op ("" for the root)
     module_type: str = ""  # its class, qualified
     shared: tuple[str, ...] = ()  # other ops reading the same tensor (tied weights)
+    experts: int = 0       # kind "experts": E of the weight [E, d1, d2] (0: not an expert site)
+    expert_index: Any = None  # kind "experts": the expert id (int) or ids node (per row)
+    weight_left: bool = False  # kind "experts": bmm(W_sel, x), y = W_sel x (columns)
 
 
 @dataclass
@@ -57,14 +63,27 @@ def _qualname(cls: Any) -> str:
     return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _ops_reading(node: fx.Node, experts: bool) -> list[fx.Node]:
+    """The ops reading ``node``'s tensor, through transposes (and, for an expert stack,
+    expert selections: ``experts``)."""
+    ops: list[fx.Node] = []
+    for user in node.users:
+        if transposed(user) is node or (experts and see_through(user) is node):
+            ops.extend(_ops_reading(user, experts))
+        else:
+            ops.append(user)
+    return ops
+
+
 def weight_readers(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
-    """id(tensor) → the ops reading it (through a transpose, the transpose's users)."""
+    """id(tensor) → the ops reading it (through a transpose, the transpose's users; through an
+    expert selection W[ids] of a 3-D stack, the selection's users)."""
     readers: dict[int, list[fx.Node]] = defaultdict(list)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             t = resolve_attr(gm, str(node.target))
-            for user in node.users:
-                readers[id(t)].extend(user.users if transposed(user) is node else [user])
+            experts = isinstance(t, nn.Parameter) and t.dim() == 3
+            readers[id(t)].extend(_ops_reading(node, experts))
         elif node.op == "call_module":
             for p in gm.get_submodule(str(node.target)).parameters():
                 readers[id(p)].append(node)
@@ -158,6 +177,11 @@ class Matcher:
         rule = rule_for(node)
         if rule is None or len(node.args) <= max(rule.w_arg, rule.x_arg):
             return None
+        use = expert_use(node, rule)
+        if use is not None:
+            return self._expert_site(node, rule, use)
+        if rule.kind == "experts":
+            return None  # bmm of two activations (attention scores): not a site
         w, layout = node.args[rule.w_arg], rule.layout
         under = transposed(w) if rule.kind == "linear" else None
         if under is not None:
@@ -208,6 +232,25 @@ class Matcher:
         return Site(name, path, node, rule.x_arg, form, rule.layout, int(in_f), int(out_f),
                     rule.kind, geometry, module, module_type)
 
+    def _expert_site(self, node: fx.Node, rule: Rule, use: ExpertUse) -> Site | Skip:
+        """An op reading W[e] / W[ids] of W [E, d1, d2]: in/out per expert, from the layout."""
+        module, module_type = self._module_of(node)
+        path = str(use.attr.target)
+        weight = resolve_attr(self.gm, path)
+        name, form = self._name(weight, path, module), rule.form
+        if not isinstance(weight, nn.Parameter):
+            return Skip(node, name, form, "expert weight is a buffer or constant, not a parameter")
+        if weight.dim() != 3:
+            return Skip(node, name, form, f"expert selection of a {weight.dim()}-dim weight, not "
+                        "of an [experts, d1, d2] stack")
+        if not isinstance(node.args[use.x_arg], fx.Node):
+            return Skip(node, name, form, "activation is not a graph value")
+        experts, d1, d2 = (int(n) for n in weight.shape)
+        out_f, in_f = (d1, d2) if use.layout == "out_in" else (d2, d1)
+        return Site(name, path, node, use.x_arg, form, use.layout, in_f, out_f, "experts", {},
+                    module, module_type, experts=experts, expert_index=use.index,
+                    weight_left=use.weight_left)
+
     def _mark_shared(self, sites: list[Site]) -> None:
         uses: dict[str, set[fx.Node]] = defaultdict(set)
         for s in sites:
@@ -223,8 +266,8 @@ def _disambiguate(sites: list[Site]) -> None:
     first: dict[str, Site] = {}
     for s in sites:
         seen = first.setdefault(s.name, s)
-        if seen is not s and (seen.weight, seen.kind, seen.layout, seen.form) != (
-                s.weight, s.kind, s.layout, s.form):
+        if seen is not s and (seen.weight, seen.kind, seen.layout, seen.form, seen.weight_left
+                              ) != (s.weight, s.kind, s.layout, s.form, s.weight_left):
             s.name = f"{s.name}@{s.node.name}"
 
 

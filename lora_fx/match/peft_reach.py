@@ -32,7 +32,11 @@ def peft_reachable(site: Site) -> bool:
     PEFT wraps nn.Linear, HF Conv1D, nn.Conv1d/2d/3d (without dilation or a padding mode, which
     its A conv drops), nn.Embedding and nn.MultiheadAttention (in_proj_weight and out_proj,
     always together); a weight read functionally, outside its module's own op, is out of reach.
+    An expert stack [E, d1, d2] is reached by ``target_parameters`` where the module running
+    the op owns it (PEFT's ParamWrapper adds s·ΔW_e to the parameter itself).
     """
+    if site.kind == "experts":
+        return bool(site.module) and site.weight.rpartition(".")[0] == site.module
     cls = _resolve(site.module_type) if site.module_type else None
     if cls is None:
         return False

@@ -17,6 +17,10 @@ the op's output:
   geometry into r channels, B 1×1 (``branches.LoraConv``). groups ≠ 1 and transposed: Skip.
 - embedding (``nn.Embedding``, ``F.embedding``, ``aten.embedding``): y = W[ids], W [num, dim]
   = onehot(ids) W, an [in, out] weight → W + s·(B A)ᵀ (``branches.LoraEmbedding``).
+- experts (``F.linear`` / ``matmul`` / ``bmm`` whose weight is W[e] or W[ids] of a 3-D
+  parameter W [E, d1, d2]): per expert as linear, y + s·x (U_e V_e) = x (W_e + s·U_e V_e) for
+  the routed rows only (``match.experts``, ``branches.LoraExperts``). ``bmm`` of two
+  activations is not a site.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ aten = torch.ops.aten
 Layout = Literal["out_in", "in_out"]
 
 
-KINDS = ("linear", "conv", "embedding")
+KINDS = ("linear", "conv", "embedding", "experts")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ RULES: tuple[Rule, ...] = (
          0, 1, "out_in", "conv"),
     Rule("embedding", (F.embedding,), 0, 1, "in_out", "embedding"),
     Rule("embedding", (aten.embedding.default,), 1, 0, "in_out", "embedding"),
+    Rule("bmm", (torch.bmm, aten.bmm.default, "bmm"), 0, 1, "in_out", "experts"),  # W either side
 )
 
 
@@ -74,7 +79,7 @@ MODULE_RULES: tuple[tuple[type[nn.Module], str, Layout, str], ...] = (
 
 
 FORMS = ("nn.Linear", "F.linear", "matmul", "addmm", "nn.Conv1d", "nn.Conv2d", "nn.Conv3d",
-         "conv1d", "conv2d", "conv3d", "nn.Embedding", "embedding")
+         "conv1d", "conv2d", "conv3d", "nn.Embedding", "embedding", "bmm")
 
 
 def rule_for(node: fx.Node) -> Rule | None:

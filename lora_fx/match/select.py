@@ -35,6 +35,8 @@ def output_heads(model: nn.Module | None, config: LoraConfig) -> set[str]:
 def _why_not(site: Site, config: LoraConfig, named: LoraConfig, heads: set[str]) -> str | None:
     """None when ``config`` targets ``site``, else the reason (for inspect and plan)."""
     forms = config.target_forms
+    if site.kind == "experts":
+        return "expert stack: LoRA on expert parameters is not supported yet"
     if forms and site.form not in forms and site.kind not in forms:
         return f"form {site.form} ({site.kind}) is not in target_forms"
     if config.is_excluded(site.name):

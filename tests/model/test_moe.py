@@ -4,13 +4,14 @@ target_parameters both ways, merge, ONNX. Tiny Mixtral / Qwen3-MoE / OLMoE from 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 import lora_fx
-from tests.helpers import ROOT, load_model_file, logits_of
+from tests.helpers import ROOT, load_model_file, logits_of, run_cli
 
 MOE = load_model_file(ROOT / "tests" / "models" / "tiny_moe.py")
 
@@ -41,3 +42,16 @@ def test_base_mixtral_exports_to_onnx_and_verifies(tmp_path: Path) -> None:
                                  tmp_path / "base.onnx")
     assert report.max_abs_diff < 1e-5
     assert all(op.startswith("ai.onnx::") for op in report.op_histogram)
+
+
+# --- expert sites ----------------------------------------------------------------------------
+def test_inspect_lists_expert_sites_with_their_expert_count() -> None:
+    out = run_cli("inspect", ROOT / "tests" / "models" / "tiny_moe.py", "--json").stdout
+    experts = {s["name"]: s for s in json.loads(out)["sites"] if s["kind"] == "experts"}
+    assert sorted(experts) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                               for p in ("down_proj", "gate_up_proj")]
+    gate_up = experts["model.layers.0.mlp.experts.gate_up_proj"]
+    assert (gate_up["experts"], gate_up["form"], gate_up["in_features"],
+            gate_up["out_features"], gate_up["peft"]) == (4, "bmm", 32, 96, True)
+    table = run_cli("inspect", ROOT / "tests" / "models" / "tiny_moe.py").stdout
+    assert "experts" in table.splitlines()[1]  # the header has an experts column
