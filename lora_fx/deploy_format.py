@@ -27,7 +27,9 @@ a cast export allows ``max |ORT − fp32 PyTorch| <= DTYPE_RTOL[dtype] · max(1,
 ``TF32_RTOL · max(1, max |y|)`` where CUDA keeps TF32 on.
 
 GenAI: a KV-cache export's folder holds :data:`GENAI_CONFIG` (read by :func:`read_genai_config`)
-and the tokenizer files of :data:`TOKENIZER_FILES` that the source model had.
+and the tokenizer files of :data:`TOKENIZER_FILES` that the source model had; the search defaults
+come from the model's :data:`GENERATION_CONFIG` (keys :data:`GENAI_SEARCH_KEYS`), the chat
+template goes to :data:`CHAT_TEMPLATE`.
 """
 
 from __future__ import annotations
@@ -66,6 +68,17 @@ GENAI_CONFIG = "genai_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
                    "tokenizer.model", "spiece.model", "chat_template.jinja")
+GENERATION_CONFIG = "generation_config.json"  # the model's search defaults (transformers)
+TOKENIZER_CONFIG = "tokenizer_config.json"    # may hold "chat_template" (a string or named list)
+CHAT_TEMPLATE = "chat_template.jinja"         # the chat template file ORT GenAI 0.18 reads
+CHAT_TEMPLATE_JSON = "chat_template.json"     # processors' {"chat_template": ...} (older form)
+# genai_config.json "search" keys taken from generation_config.json, with GenAI's JSON types
+# (its parser refuses unknown keys and a float where it wants an integer)
+GENAI_SEARCH_KEYS: dict[str, type] = {
+    "do_sample": bool, "early_stopping": bool, "num_beams": int, "num_return_sequences": int,
+    "min_length": int, "max_length": int, "top_k": int, "no_repeat_ngram_size": int,
+    "temperature": float, "top_p": float, "repetition_penalty": float,
+    "length_penalty": float, "diversity_penalty": float}
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
