@@ -19,7 +19,6 @@ from .model.plan import plan, plan_model
 from .train.fast import compiled, fuse_branches, training_graph
 
 if TYPE_CHECKING:  # the reports' types only: lora_fx.onnx is imported on the first export
-    from .onnx.kv_export import KvReport
     from .onnx.report import ExportReport
 
 __all__ = ["apply_adapter", "branches", "capture", "compiled", "count_parameters",
@@ -35,25 +34,25 @@ def export_onnx(*args: Any, **kwargs: Any) -> ExportReport:
     return export(*args, **kwargs)
 
 
-def export_kv(*args: Any, **kwargs: Any) -> KvReport:
-    """``lora_fx.onnx.kv_export.export_kv`` (see there): a decoder with its KV cache, in a folder
+def export_kv(*args: Any, **kwargs: Any) -> ExportReport:
+    """``lora_fx.onnx.export.export_kv`` (see there): a decoder with its KV cache, in a folder
     ONNX Runtime GenAI loads; onnx is imported on the first export."""
-    from .onnx.kv_export import export_kv as export  # deferred: onnx and onnxscript are heavy
+    from .onnx.export import export_kv as export  # deferred: onnx and onnxscript are heavy
 
     return export(*args, **kwargs)
 
 
 def export_mixed(*args: Any, **kwargs: Any) -> ExportReport:
-    """``lora_fx.onnx.mixed_export.export_mixed``: a base model and several adapters as one
+    """``lora_fx.onnx.export.export_mixed``: a base model and several adapters as one
     ONNX graph choosing the adapter per batch row (input ``adapter_ids``)."""
-    from .onnx.mixed_export import export_mixed as export  # deferred: onnx, onnxscript are heavy
+    from .onnx.export import export_mixed as export  # deferred: onnx, onnxscript are heavy
 
     return export(*args, **kwargs)
 
 
-def export_kv_mixed(*args: Any, **kwargs: Any) -> KvReport:
-    """``lora_fx.onnx.kv_mixed.export_kv_mixed``: a decoder with its KV cache and an adapter
+def export_kv_mixed(*args: Any, **kwargs: Any) -> ExportReport:
+    """``lora_fx.onnx.export.export_kv_mixed``: a decoder with its KV cache and an adapter
     per batch row (input ``adapter_ids``), in a folder ``lorafx generate`` decodes."""
-    from .onnx.kv_mixed import export_kv_mixed as export  # deferred: onnx is heavy
+    from .onnx.export import export_kv_mixed as export  # deferred: onnx is heavy
 
     return export(*args, **kwargs)

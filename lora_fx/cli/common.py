@@ -3,14 +3,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import click
 
 from ..config import LoraConfig
 from ..errors import LoraFxError
+from ..onnx.limits import Check
+
+
+def verified_line(checks: Sequence[Check], provider: str | None, note: str = "") -> str:
+    """One line for a verified export: the worst case against its limit, the limit's basis,
+    each case's error and the adapter's own effect (where a case ran one)."""
+    worst = max(checks, key=lambda c: c.max_abs_diff / c.limit if c.limit else 0.0)
+    cases = ", ".join(f"{c.name} {c.max_abs_diff:.3g}" for c in checks)
+    effects = [c.effect for c in checks if c.effect is not None]
+    moved = f"; the adapter moves outputs by up to {max(effects):.3g}" if effects else ""
+    if effects and not max(effects):
+        moved = "; the adapter changes no output (B = 0: not trained yet)"
+    elif any(c.blind for c in checks):
+        moved += ", within the limit: a file without the adapter would pass too"
+    return (f"verified: max |ONNX Runtime - PyTorch| = {worst.max_abs_diff:.3g} on {provider} "
+            f"({cases}; limit {worst.limit:.3g} = {worst.basis}{note}{moved})")
+
+
+def checks_json(checks: Sequence[Check]) -> list[dict[str, Any]]:
+    return [{**dataclasses.asdict(c), "ok": c.ok} for c in checks]
 
 
 def echo_json(data: Any) -> None:

@@ -17,9 +17,9 @@ from ..fileio import check_output_file, made_dirs
 from ..load.device import place, resolve_device
 from ..load.model import load_model
 from ..model.adapters import load_adapter
-from ..onnx.kv_export import check_kv_dtype
+from ..onnx.targets import check_kv_dtype
 from ..ort.adapter_sets import named_dirs
-from .common import echo_json
+from .common import checks_json, echo_json, verified_line
 from .export_kv import export_kv_command
 from .options import device_option
 
@@ -36,7 +36,12 @@ from .options import device_option
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output .onnx file.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Compare ONNX Runtime with PyTorch on the example inputs (atol 1e-4).")
+              help="Compare ONNX Runtime with PyTorch on the example inputs: within atol + "
+                   "rtol x max|y| (fp32: 1e-4 + 2e-5 x max|y|), and within a share of the "
+                   "adapter's own effect.")
+@click.option("--atol", type=click.FloatRange(min=0), default=None,
+              help="The absolute part of the verification limit (default: the precision's "
+                   "own, 1e-4 for fp32).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
               show_default=True, help="Weight precision: merged in fp32, cast once; the error "
                                       "against fp32 is reported.")
@@ -47,20 +52,22 @@ from .options import device_option
 @device_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_batch: bool,
-                   output: str, opset: int | None, verify: bool, dtype: str, kv_cache: bool,
-                   as_json: bool, device: str | None, force: bool) -> None:
+                   output: str, opset: int | None, verify: bool, atol: float | None,
+                   dtype: str, kv_cache: bool, as_json: bool, device: str | None,
+                   force: bool) -> None:
     """Export MODEL (with --adapter: merged or not; several: --mixed-batch) to ONNX."""
     check_output_file(output, force)  # before any work; missing folders are made to write
     if device is not None and (mixed_batch or len(adapters) > 1 or kv_cache):
         raise LoraFxError("--device with --kv-cache or several adapters is not supported yet: "
                           "export those on the CPU (drop --device)")
     if mixed_batch or len(adapters) > 1:
-        _export_mixed(model, adapters, mixed_batch, output, opset, verify, dtype, kv_cache,
-                      as_json)
+        _export_mixed(model, adapters, mixed_batch, output, opset, verify, atol, dtype,
+                      kv_cache, as_json)
         return
     adapter_dir = adapters[0] if adapters else None
     if kv_cache:
-        export_kv_command(model, adapter_dir, merge, output, opset, verify, dtype, as_json)
+        export_kv_command(model, adapter_dir, merge, output, opset, verify, atol, dtype,
+                          as_json)
         return
     where = resolve_device(device)
     loaded = place(load_model(model), where)  # capture and merge where the weights live
@@ -73,13 +80,14 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
     gm.eval()
     with made_dirs(Path(output).parent):  # removed again if the export fails
         report = export_onnx(gm, loaded.example_inputs, output, merge=merge, opset=opset,
-                             verify=verify, dynamic_shapes=loaded.dynamic_shapes, dtype=dtype,
+                             verify=verify, atol=atol, dynamic_shapes=loaded.dynamic_shapes,
+                             dtype=dtype,
                              model=loaded.module, release=True)  # this process is done with it
     data: dict[str, Any] = {"output": str(report.path), "merged": bool(adapter_dir) and merge,
             "seconds": round(report.seconds, 3), "external_data": report.external_data,
             "nodes": sum(report.op_histogram.values()), "op_histogram": report.op_histogram,
             "max_abs_diff": report.max_abs_diff, "provider": report.provider,
-            "bytes": os.path.getsize(report.path)}
+            "bytes": os.path.getsize(report.path), "checks": checks_json(report.checks)}
     data.update({**report.extras, "dtype": dtype})
     if as_json:
         echo_json(data)
@@ -87,13 +95,10 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
     kind = "base model" if not adapter_dir else ("merged" if merge else "unmerged")
     click.echo(f"wrote {output} ({kind}, {data['nodes']} nodes, {data['bytes'] / 1e6:.1f} MB) "
                f"in {report.seconds:.1f} s")
-    if report.max_abs_diff is not None:
-        check = report.extras.get("verification", {})
-        tf32 = f", TF32 {check['tf32']}" if check.get("tf32") else ""
-        shapes = " and ".join(report.extras.get("verified_shapes", []))
-        click.echo(f"verified: max |ONNX Runtime - PyTorch| = {report.max_abs_diff:.3g} "
-                   f"on {report.provider}" + (f" at {shapes}" if shapes else "")
-                   + f" (limit {check.get('tolerance', 0):.3g}: {check.get('basis', '')}{tf32})")
+    if report.checks:
+        tf32 = report.extras.get("verification", {}).get("tf32")
+        click.echo(verified_line(report.checks, report.provider,
+                                 f", TF32 {tf32}" if tf32 else ""))
     for name, axes in report.extras.get("fixed_axes", {}).items():
         click.echo(f"note: input {name} has fixed axes {axes}: the model fixes them, so the "
                    "file runs only at the example's sizes there", err=True)
@@ -103,8 +108,8 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
 
 
 def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, output: str,
-                  opset: int | None, verify: bool, dtype: str, kv_cache: bool,
-                  as_json: bool) -> None:
+                  opset: int | None, verify: bool, atol: float | None, dtype: str,
+                  kv_cache: bool, as_json: bool) -> None:
     """``--mixed-batch``: every ``--adapter`` ([NAME=]DIR) stacked in one graph (with
     ``--kv-cache``: the decoder with its cache, in a folder)."""
     if not mixed_batch:
@@ -119,12 +124,12 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
     with made_dirs(Path(output).parent):  # removed again if the export fails
         if kv_cache:
             report: Any = export_kv_mixed(loaded.module, output, named, opset=opset,
-                                          verify=verify, source=loaded.extras.get("directory"),
-                                          dtype=dtype)
+                                          verify=verify, atol=atol, dtype=dtype,
+                                          source=loaded.extras.get("directory"))
             diff = max(report.max_abs_diff.values(), default=None)
         else:
             report = export_mixed(loaded.module, loaded.example_inputs, named, output,
-                                  opset=opset, verify=verify,
+                                  opset=opset, verify=verify, atol=atol,
                                   dynamic_shapes=loaded.dynamic_shapes, dtype=dtype)
             diff = report.max_abs_diff
     names = read_ids(report.path) or []
@@ -136,7 +141,7 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
                             "max_abs_diff": diff, "provider": report.provider,
                             "lora_inputs": report.extras["lora_inputs"] if not kv_cache
                             else report.lora_inputs, "bytes": os.path.getsize(report.path),
-                            "dtype": dtype}
+                            "dtype": dtype, "checks": checks_json(report.checks)}
     if not kv_cache and "error_vs_fp32" in report.extras:
         data["error_vs_fp32"] = report.extras["error_vs_fp32"]
     if kv_cache and report.limits:
@@ -149,11 +154,8 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
     click.echo(f"wrote {output} ({kind}mixed batch: {ids}; {len(data['lora_inputs'])} sites, "
                f"{data['nodes']} nodes, {data['bytes'] / 1e6:.1f} MB) in {report.seconds:.1f} s")
     click.echo(f"adapter ids: {data['ids_file']}")
-    if diff is not None:
-        limit = f" ({dtype} against fp32, limit {data['tolerance']:.3g})" \
-            if "tolerance" in data else ""
-        click.echo(f"verified: max |ONNX Runtime - PyTorch| = {diff:.3g} on {report.provider}"
-                   + limit)
+    if report.checks:
+        click.echo(verified_line(report.checks, report.provider))
     if "error_vs_fp32" in data:
         errors = ", ".join(f"{k} {v:.3g}" for k, v in data["error_vs_fp32"].items())
         click.echo(f"{dtype} error against fp32 (max abs): {errors}")

@@ -12,12 +12,14 @@ import click
 from ..errors import LoraFxError
 from ..fileio import made_dirs
 from ..load.model import load_model
-from ..onnx.kv_export import check_kv_dtype, export_kv
-from .common import echo_json
+from ..onnx.export import export_kv
+from ..onnx.targets import check_kv_dtype
+from .common import checks_json, echo_json, verified_line
 
 
 def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: str,
-                      opset: int | None, verify: bool, dtype: str, as_json: bool) -> None:
+                      opset: int | None, verify: bool, atol: float | None, dtype: str,
+                      as_json: bool) -> None:
     """Export MODEL (a Hugging Face decoder) with its KV cache to ``output`` (DIR/model.onnx),
     with genai_config.json, the tokenizer files and (unmerged) the adapter file beside it."""
     check_kv_dtype(dtype)
@@ -27,10 +29,11 @@ def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: 
     loaded = load_model(model)
     with made_dirs(out.parent):  # the folder and its missing parents; removed if it fails
         report = export_kv(loaded.module, out, adapter=adapter_dir, merge=merge, opset=opset,
-                           verify=verify, source=loaded.extras.get("directory"),
+                           verify=verify, atol=atol, source=loaded.extras.get("directory"),
                            adapter_name=Path(adapter_dir).name if adapter_dir else "adapter",
                            dtype=dtype)
     layout = report.layout
+    assert layout is not None  # a KV-cache export's report has it
     kind = "base model" if not adapter_dir else ("merged" if merge else "unmerged")
     data: dict[str, Any] = {
         "output": str(report.path), "kind": kind, "kv_cache": True,
@@ -43,7 +46,7 @@ def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: 
         "max_abs_diff": report.max_abs_diff, "provider": report.provider,
         "dtype": report.dtype, "tolerance": report.limits or None,
         "nodes": sum(report.op_histogram.values()), "bytes": os.path.getsize(report.path),
-        "external_data": report.external_data}
+        "external_data": report.external_data, "checks": checks_json(report.checks)}
     if as_json:
         echo_json(data)
         return
@@ -56,9 +59,5 @@ def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: 
     if report.adapter_file:
         click.echo("no adapter active: the base model; activate the exported adapter with "
                    f"`lorafx generate {out.parent} --adapter {report.adapter_file}`")
-    if report.max_abs_diff:
-        checks = ", ".join(f"{k} {v:.3g}" for k, v in report.max_abs_diff.items())
-        against = f" ({report.dtype} against fp32, limit {max(report.limits.values()):.3g})" \
-            if report.limits else ""
-        click.echo(f"verified on {report.provider}: max |ONNX Runtime - PyTorch| {checks}"
-                   + against)
+    if report.checks:
+        click.echo(verified_line(report.checks, report.provider))

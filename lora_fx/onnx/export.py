@@ -1,121 +1,120 @@
-"""Export orchestration: prepare (merged / unmerged / lowered) → trace or reuse → save → verify.
+"""The export entry points: one ``export()`` of small choices (``onnx.core``), and the four
+functions users know, each a choice of target and form.
 
-Merged export: W' = W + s·B@A folded first, so the file's op histogram is the base model's.
-Models past 2 GB get external data. Unmerged export: see ``onnx.unmerged``. ``dtype``
-fp16/bf16: merge in fp32, cast once, report the error against fp32.
+| function | target | form |
+| --- | --- | --- |
+| ``export_onnx(gm, inputs, path, merge=...)`` | Plain | Merged / Unmerged |
+| ``export_kv(model, path, adapter, merge=...)`` | Decoder | Merged / Unmerged |
+| ``export_mixed(model, inputs, adapters, path)`` | Plain | Mixed |
+| ``export_kv_mixed(model, path, adapters)`` | Decoder | Mixed |
+
+Every one takes ``dtype`` ("fp32", "fp16", "bf16"; None is fp32), ``verify``, ``atol`` (the
+absolute part of the limit, ``onnx.limits``), ``providers`` and ``opset``, and returns one
+``ExportReport``.
 """
 
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
-from torch import fx, nn
+from torch import nn
 
-from .. import memory
-from ..capture.dynamic import auto_dynamic, widened
-from ..capture.program import captured_program
-from ..deploy_format import torch_dtype
-from ..graph.state import get_state
-from ..model.merge import without_branches
-from .outputs import name_outputs, output_names
-from .prepare import Prepared, cast_inputs, prepare
-from .report import ExportReport, op_histogram
-from .rules import forget_rewriter_state
-from .save import save_program
-from .shapes import fixed_axes
-from .trace import to_onnx
-from .unmerged import export_unmerged
-from .verify import forward, second_case, torch_max_diff, verify_file
+from ..adapter.peft import Adapter
+from .core import Job
+from .core import export as run
+from .forms import AdapterSet, Form, Merged, Mixed, Unmerged
+from .report import ExportReport
+from .targets import Decoder, Plain, Target
+
+
+def export(model: nn.Module, path: str | Path, *, target: Literal["plain", "kv"] = "plain",
+           form: Literal["merged", "unmerged", "mixed"] = "merged",
+           precision: str = "fp32", example_inputs: tuple[Any, ...] = (),
+           adapter: str | Path | Adapter | None = None, adapters: AdapterSet = (),
+           dynamic_shapes: Any = None, eager: nn.Module | None = None,
+           source: str | Path | None = None, adapter_name: str = "adapter",
+           opset: int | None = None, verify: bool = True, atol: float | None = None,
+           providers: list[Any] | None = None, release: bool = False) -> ExportReport:
+    """Export ``model`` to ``path`` as ``target`` ("plain": ``model`` on ``example_inputs``,
+    an injected GraphModule for merged / unmerged; "kv": a Hugging Face decoder with its KV
+    cache, ``adapter`` applied) in ``form`` ("mixed": the base ``model`` and ``adapters``),
+    weights in ``precision``. ``eager``: the eager model a torch.export capture came from;
+    ``source``: the decoder's save_pretrained directory (tokenizer files); ``release``:
+    free the model's weights before verifying (big models; the model cannot run after)."""
+    chosen: Target = Plain(model, example_inputs, dynamic_shapes, eager) if target == "plain" \
+        else Decoder(model, source, adapter_name)
+    shape: Form = Mixed(adapters) if form == "mixed" else \
+        Merged(adapter) if form == "merged" else Unmerged(adapter)
+    return run(Job(Path(path), chosen, shape, precision or "fp32", opset, verify, atol,
+                   providers, release))
 
 
 def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path,
                 merge: bool = True, opset: int | None = None, verify: bool = True,
                 dynamic_shapes: Any = None, atol: float | None = None,
-                providers: list[str] | None = None, dtype: str | None = None,
+                providers: list[Any] | None = None, dtype: str | None = None,
                 model: nn.Module | None = None, release: bool = False) -> ExportReport:
     """Export ``gm`` (an injected GraphModule, or any module) to ONNX at ``path``.
 
     ``merge=True`` folds every branch first (the file is the base model's graph with new
     weights); ``merge=False`` keeps each branch as MatMul(x, A')→MatMul(·, B')→Add with A', B'
     as ONNX Runtime adapter inputs (``onnx.unmerged``). ``verify`` compares ONNX Runtime's
-    outputs with PyTorch's on ``example_inputs`` and another shape, and raises LoraFxError
-    above the limit of ``onnx.limits`` (``atol``: its absolute part, the precision's own by
-    default), which an adapter's own effect bounds too (PyTorch without the branches).
-    ``dtype`` "fp16"/"bf16": merge in fp32, cast every floating weight once (see ``lowered``:
-    a torch.export capture also needs the eager ``model``); ``extras["error_vs_fp32"]`` holds
-    max |y − y_fp32| of PyTorch and ONNX Runtime.
-
+    outputs with PyTorch's on ``example_inputs`` and another shape within ``onnx.limits``.
+    ``dtype`` "fp16"/"bf16": merge in fp32, cast every weight once (a torch.export capture
+    also needs the eager ``model``); ``extras["error_vs_fp32"]`` holds max |y − y_fp32|.
     ``release=True`` (models too big for two copies) consumes the model: an fp32 merge folds
-    W' into each weight's own storage (``merge(inplace=True)``: no second copy), and after the
-    export PyTorch's outputs are kept, every weight of ``gm`` (and so of the user's model, which
-    shares them) is freed, then ONNX Runtime verifies; the model cannot run afterwards.
+    W' into each weight's own storage, and after the export every weight of ``gm`` (and of the
+    user's model, which shares them) is freed before ONNX Runtime verifies.
     """
-    if dtype is not None:
-        torch_dtype(dtype)  # refuses an unknown dtype before any work
-    start = time.perf_counter()
-    base = without_branches(gm) if verify and get_state(gm) is not None else None
-    base_want = forward(base, example_inputs) if base is not None else None  # before a merge
-    prep = prepare(gm, example_inputs, merge, dtype, model, dynamic_shapes, inplace=release)
-    program, extras = trace(prep, dynamic_shapes, opset, release)
-    memory.trim()  # what tracing and translating freed: not resident while saving
-    external, layout = save_program(program, Path(path))
-    report = ExportReport(Path(path), merge, 0.0, external, dict(op_histogram(program.model)),
-                          extras=extras)
-    report.extras["fixed_axes"] = fixed_axes(program.model)
-    more = second_case(program.model, prep.reference, example_inputs,
-                       lambda a: cast_inputs(a, prep.dtype) if prep.dtype else a,
-                       None if release else base) if verify else None
-    del program  # its IR may hold tensors of its own (folded constants): free them first
-    forget_rewriter_state()
-    if prep.dtype is not None:
-        error = torch_max_diff(forward(prep.module, prep.args),
-                               forward(prep.reference, example_inputs))
-        report.extras.update(dtype=prep.dtype, error_vs_fp32={"pytorch": error})
-    want = forward(prep.reference, example_inputs) if verify else None
-    if release:
-        release_weights(gm, prep.reference, prep.module, *([model] if model else []))
-        memory.trim()
-    if want is not None:
-        verify_file(report, prep.args, want, atol, providers, prep.dtype, lean=release,
-                    layout=layout, more=[more] if more else [], base=base_want)
-    report.seconds = time.perf_counter() - start
+    report = export(gm, path, form="merged" if merge else "unmerged",
+                    precision=dtype or "fp32", example_inputs=example_inputs,
+                    dynamic_shapes=dynamic_shapes, eager=model, opset=opset, verify=verify,
+                    atol=atol, providers=providers, release=release)
+    report.merged = merge
     return report
 
 
-def trace(prep: Prepared, dynamic_shapes: Any, opset: int | None, release: bool
-          ) -> tuple[Any, dict[str, Any]]:
-    """Stage 2: the ONNXProgram of ``prep.module``, and the report's extras. A merged or base
-    module whose graph is still the captured one reuses the capture's program (no second
-    trace); every other module is traced with ``dynamic_shapes`` (default: Dim.AUTO on every
-    axis of a GraphModule's inputs)."""
-    reuse = None if prep.unmerged or prep.dtype is not None or dynamic_shapes is not None \
-        else captured_program(prep.module)
-    args = prep.args
-    if dynamic_shapes is None and isinstance(prep.module, fx.GraphModule):
-        args = widened(args) or args  # a batch-1 example would fix the batch (capture.dynamic)
-        dynamic_shapes = auto_dynamic(args)
-    extras: dict[str, Any] = {}
-    # frozen: faster; not when memory is what counts (release): garbage made before the export
-    # (the merge's) would stay through its peak
-    with nullcontext() if release else memory.collector_frozen():
-        if prep.unmerged:
-            program, extras["lora_inputs"] = export_unmerged(prep.module, args,
-                                                             dynamic_shapes, opset)
-        elif reuse is not None:
-            program = to_onnx(reuse, (), opset=opset)
-        else:
-            program = to_onnx(prep.module, args, dynamic_shapes, opset)
-    name_outputs(program.model, output_names(reuse if reuse is not None else prep.module))
-    return program, extras
+def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter | None = None,
+              merge: bool = True, opset: int | None = None, verify: bool = True,
+              atol: float | None = None, providers: list[Any] | None = None,
+              source: str | Path | None = None, adapter_name: str = "adapter",
+              dtype: str = "fp32") -> ExportReport:
+    """Export the Hugging Face decoder ``model`` (with ``adapter``: a directory or an
+    ``Adapter``, merged or not) with its KV cache to ``path`` (DIR/model.onnx) and ORT GenAI's
+    files beside it; unmerged, the adapter's ONNX Runtime file too (``adapter_name``), the
+    model's own A', B' zero (the base model until an adapter is made active). ``dtype``:
+    "fp32" or "fp16" (the weights, the cache and the adapter file)."""
+    return export(model, path, target="kv", form="merged" if merge else "unmerged",
+                  precision=dtype, adapter=adapter, source=source, adapter_name=adapter_name,
+                  opset=opset, verify=verify, atol=atol, providers=providers)
 
 
-def release_weights(*modules: nn.Module) -> None:
-    """Free the memory of every parameter and buffer of ``modules`` (each becomes an empty
-    tensor of its dtype): anything sharing them, the user's model included, cannot run after."""
-    for module in modules:
-        for t in [*module.parameters(), *module.buffers()]:
-            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+def export_mixed(model: nn.Module, example_inputs: tuple[Any, ...],
+                 adapters: Mapping[str, str | Path | Adapter] | Sequence[str | Path],
+                 path: str | Path, opset: int | None = None, verify: bool = True,
+                 dynamic_shapes: Any = None, atol: float | None = None,
+                 providers: list[Any] | None = None, dtype: str | None = None) -> ExportReport:
+    """Export base ``model`` with ``adapters`` (id k = k-th; directories named by their
+    folder names, or a mapping name → directory / ``Adapter``) as one mixed-batch ONNX file
+    (``onnx.mixed_program``): input ``adapter_ids`` picks each row's adapter, 0 the base.
+    Every tensor input's axis 0 is the batch. ``extras``: ``adapters`` (names by id),
+    ``ids_file``, ``lora_inputs`` {site: in, out, r}."""
+    return export(model, path, form="mixed", precision=dtype or "fp32",
+                  example_inputs=example_inputs, adapters=adapters,
+                  dynamic_shapes=dynamic_shapes, opset=opset, verify=verify, atol=atol,
+                  providers=providers)
+
+
+def export_kv_mixed(model: nn.Module, path: str | Path,
+                    adapters: Mapping[str, str | Path | Adapter] | Sequence[str | Path],
+                    opset: int | None = None, verify: bool = True, atol: float | None = None,
+                    providers: list[Any] | None = None,
+                    source: str | Path | None = None, dtype: str = "fp32") -> ExportReport:
+    """Export the Hugging Face decoder ``model`` with its KV cache and ``adapters`` (id k =
+    k-th; 0 = the base model) chosen per row by ``adapter_ids``, to ``path`` (DIR/model.onnx)
+    with GenAI's config, the tokenizer files of ``source`` and ``model.adapter_ids.json``.
+    ORT GenAI cannot feed ``adapter_ids``: ``lorafx generate`` decodes it with onnxruntime."""
+    return export(model, path, target="kv", form="mixed", precision=dtype, adapters=adapters,
+                  source=source, opset=opset, verify=verify, atol=atol, providers=providers)

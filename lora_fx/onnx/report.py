@@ -11,11 +11,21 @@ from typing import Any
 import onnx
 from onnx_ir.traversal import RecursiveGraphIterator
 
+from .kv_cache import DecoderLayout
 from .limits import Check
 
 
 @dataclass
 class ExportReport:
+    """What one export wrote and how it verified, for every target x form x precision.
+
+    ``max_abs_diff`` is the worst case's max |ONNX Runtime − PyTorch|; ``checks`` has each
+    case with its limit. A KV-cache export also has ``layout`` (the decoder's shape),
+    ``copied`` (tokenizer files) and, unmerged, ``adapter_file`` (beside the model).
+    ``extras``: the JSON view's further entries (``verification``, ``verified_shapes``,
+    ``fixed_axes``, ``error_vs_fp32``, ``adapters`` and ``ids_file`` of a mixed batch, ...).
+    """
+
     path: Path
     merged: bool
     seconds: float
@@ -25,6 +35,24 @@ class ExportReport:
     provider: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)   # one per verified case
+    dtype: str = "fp32"
+    lora_inputs: dict[str, dict[str, int]] = field(default_factory=dict)  # site → in, out, r
+    layout: DecoderLayout | None = None
+    adapter_file: Path | None = None
+    copied: list[str] = field(default_factory=list)
+
+    @property
+    def limits(self) -> dict[str, float]:
+        """case → its limit (``onnx.limits``)."""
+        return {c.name: c.limit for c in self.checks}
+
+    @property
+    def errors(self) -> dict[str, float]:
+        """case → max |ONNX Runtime − PyTorch|."""
+        return {c.name: c.max_abs_diff for c in self.checks}
+
+
+KvReport = ExportReport  # the name a KV-cache export's report had
 
 
 def op_histogram(model: Any) -> Counter[str]:

@@ -4,10 +4,8 @@ limit of ``onnx.limits`` (atol + rtol · max |y|, bounded by the adapter's own e
 
 from __future__ import annotations
 
-import contextlib
-import io
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +18,11 @@ from torch.utils import _pytree as pytree
 from .. import fileio
 from ..errors import LoraFxError, LoraFxWarning
 from ..ort import runtime
+from ..ort.adapters import read_ort_adapter
 from ..progress import stage
 from .limits import judge, max_diff, refuse
 from .report import ExportReport
-from .shapes import second_shape, shape_text, symbolic_axes
+from .shapes import shape_text
 from .stream import Layout, external_view
 from .trace import eval_mode
 
@@ -47,13 +46,15 @@ def torch_max_diff(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 @dataclass
 class Case:
-    """One set of inputs to run the file on: PyTorch's outputs ``want`` on them, and ``base``,
-    its outputs without the adapter (None where the case runs none)."""
+    """One run of the file: its feeds (positional, or by input name), PyTorch's outputs
+    ``want`` on them, ``base``: PyTorch's outputs without the adapter (None where the case
+    runs none), ``adapter``: an ONNX Runtime adapter file made active for the run."""
 
     name: str
-    inputs: tuple[Any, ...]
+    inputs: tuple[Any, ...] | dict[str, Any]
     want: list[torch.Tensor]
     base: list[torch.Tensor] | None = None
+    adapter: Path | None = None
 
 
 def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.Tensor],
@@ -77,9 +78,28 @@ def verify_file(report: ExportReport, inputs: tuple[Any, ...], want: list[torch.
     ``report.extras["verified_shapes"]`` lists the shapes run.
     """
 
+    verify_cases(report, [Case("example", inputs, want, base), *more], atol, providers,
+                 dtype, lean, layout)
+
+
+def verify_cases(report: ExportReport, cases: Sequence[Case], atol: float | None = None,
+                 providers: list[Any] | None = None, dtype: str | None = None,
+                 lean: bool = False, layout: Layout | None = None) -> None:
+    """The one verification of every export: each case run in one ONNX Runtime session and
+    judged (``onnx.limits``); see :func:`verify_file`."""
+    dtype = None if dtype == "fp32" else dtype
     with stage("verifying in ONNX Runtime"):
-        cases = [Case("example", inputs, want, base), *more]
-        _verify(report, cases, atol, providers, dtype, lean, layout)
+        _verify(report, list(cases), atol, providers, dtype, lean, layout)
+
+
+def _run(sess: Any, case: Case) -> list[torch.Tensor]:
+    """``case`` run through I/O binding; an adapter file's A', B' bound as the inputs they
+    override (what ``RunOptions.add_active_adapter`` does for a plain run)."""
+    if case.adapter is None:
+        return runtime.run_torch(sess, case.inputs)
+    if not isinstance(case.inputs, dict):
+        raise LoraFxError("internal error: a case with an adapter file feeds inputs by name")
+    return runtime.run_torch(sess, {**case.inputs, **read_ort_adapter(case.adapter)})
 
 
 def _verify(report: ExportReport, cases: list[Case], atol: float | None,
@@ -88,7 +108,7 @@ def _verify(report: ExportReport, cases: list[Case], atol: float | None,
     try:
         with _loadable(report.path, layout) as model_file:
             sess, tf32 = runtime.verifying_session(model_file, providers, lean=lean)
-        got = [runtime.run_torch(sess, case.inputs) for case in cases]
+        got = [_run(sess, case) for case in cases]
     except LoraFxError as err:
         # no kernel for the dtype: ONNX Runtime's NOT_IMPLEMENTED status, or its reason alone
         no_kernel = ("NOT_IMPLEMENTED", "Could not find an implementation")
@@ -102,7 +122,8 @@ def _verify(report: ExportReport, cases: list[Case], atol: float | None,
     report.checks = [judge(case.name, out, case.want, dtype or "fp32", case.base, tf32, atol)
                      for case, out in zip(cases, got, strict=True)]
     report.max_abs_diff = max(c.max_abs_diff for c in report.checks)
-    report.extras["verified_shapes"] = [shape_text(case.inputs) for case in cases]
+    report.extras["verified_shapes"] = [shape_text(tuple(case.inputs.values()) if isinstance(
+        case.inputs, dict) else case.inputs) for case in cases]
     first = report.checks[0]
     report.extras["verification"] = {"provider": report.provider,
                                      "tf32": None if report.provider != runtime.CUDA
@@ -111,34 +132,6 @@ def _verify(report: ExportReport, cases: list[Case], atol: float | None,
     if dtype is not None:
         report.extras.setdefault("error_vs_fp32", {})["onnxruntime"] = report.max_abs_diff
     refuse(report.checks, report.provider, report.path)
-
-
-def second_case(model: Any, reference: nn.Module, example_inputs: tuple[Any, ...],
-                cast: Callable[[tuple[Any, ...]], tuple[Any, ...]] = lambda a: a,
-                base: nn.Module | None = None) -> Case | None:
-    """Inputs of another batch and length on the axes ``model`` (an ``onnx_ir.Model``) keeps
-    symbolic, with ``reference``'s outputs on them (and ``base``'s: the model without its
-    adapter); batch only where PyTorch refuses the length (a position limit), None (with a
-    warning) where it refuses both or nothing is symbolic."""
-    count = sum(isinstance(a, torch.Tensor) for a in example_inputs)
-    axes = symbolic_axes(model, count)
-    if axes is None:
-        return None
-    for length in (True, False):
-        inputs = second_shape(tuple(example_inputs), axes, length)
-        if inputs is None:
-            return None
-        try:  # a GraphModule prints the failing call's traceback to stderr: keep it quiet
-            with contextlib.redirect_stderr(io.StringIO()):
-                want = forward(reference, inputs)
-        except Exception:  # noqa: BLE001 - the model's own limits: try a smaller change
-            continue
-        return Case(shape_text(inputs), cast(inputs), want,
-                    None if base is None else forward(base, inputs))
-    warnings.warn(f"the exported file was verified at the example's shape only: PyTorch fails "
-                  f"at batch {shape_text(second_shape(tuple(example_inputs), axes, False) or ())}",
-                  LoraFxWarning, stacklevel=2)
-    return None
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from lora_fx import deploy_format
 from lora_fx.api import export_onnx
 from lora_fx.config import LoraConfig
 from lora_fx.onnx import export as onnx_export
+from lora_fx.onnx import forms as onnx_forms
 from lora_fx.onnx import save
 from lora_fx.onnx.report import op_histogram
 from lora_fx.onnx.verify import forward, verify_file
@@ -179,7 +180,7 @@ def test_lean_session_reads_a_tied_head_without_a_transposed_copy(tmp_path: Path
 def test_export_release_merges_in_place(tmp_path: Any, monkeypatch: Any) -> None:
     """export_onnx(gm, release=True) (what `lorafx export` runs) folds W' into the user's own
     weight tensors (no second copy) before freeing them: W' = W + s·B@A by hand, same storage."""
-    monkeypatch.setattr(onnx_export, "release_weights", lambda *modules: None)  # look after
+    monkeypatch.setattr(onnx_forms, "release_weights", lambda *modules: None)  # look after
     base, gm, ids = injected_gpt3_small(seed=11)
     weight = base.blocks[0].attn.q_proj.weight
     ptr, w0 = weight.data_ptr(), weight.detach().clone()

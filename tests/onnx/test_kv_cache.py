@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_fx.onnx.kv_export import export_kv
+from lora_fx.onnx.export import export_kv
 from lora_fx.ort.adapters import convert_adapter
 from lora_fx.ort.generate import Folder, OrtDecoder
 

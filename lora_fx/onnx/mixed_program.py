@@ -1,4 +1,4 @@
-"""Export a mixed-batch model: base graph + per-row adapters chosen by ``adapter_ids``.
+"""The program of a mixed-batch model: base graph + per-row adapters chosen by ``adapter_ids``.
 
 The file's inputs are the model's, then ``adapter_ids`` (int64 [batch]); per site the stacks
 ``<site>.lora_A.weight`` [n+1, in, r_max] and ``<site>.lora_B.weight`` [n+1, r_max, out]
@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import onnx_ir as ir
@@ -27,87 +25,22 @@ import torch
 from onnx_ir.tensor_adapters import TorchTensor
 from torch import nn
 
-from ..adapter.peft import Adapter
 from ..deploy_format import (
     A_SUFFIX,
     B_SUFFIX,
     IDS_INPUT,
     NAMES_META,
     RANK_META,
-    torch_dtype,
-    write_ids,
 )
 from ..errors import LoraFxError
 from ..graph.attrs import set_attr_cow
 from ..graph.copy import shallow_copy
 from ..graph.state import require_state
-from .mixed_batch import MixedBatch, MixedBranch, example_ids, mixed_module, translation_table
-from .prepare import cast_inputs, lowered
-from .report import ExportReport, op_histogram
-from .rules import forget_rewriter_state
-from .save import save_program
+from .kv_cache import BATCH
+from .mixed_batch import MixedBatch, MixedBranch, translation_table
 from .trace import to_onnx
 from .unmerged import rename_initializer
-from .verify import forward, torch_max_diff, verify_file
-
-
-def export_mixed(model: nn.Module, example_inputs: tuple[Any, ...],
-                 adapters: Mapping[str, str | Path | Adapter] | Sequence[str | Path],
-                 path: str | Path, opset: int | None = None, verify: bool = True,
-                 dynamic_shapes: Any = None, atol: float | None = None,
-                 providers: list[str] | None = None, dtype: str | None = None) -> ExportReport:
-    """Export base ``model`` with ``adapters`` (id k = k-th; directories named by their
-    folder names, or a mapping name → directory / ``Adapter``) as one mixed-batch ONNX file.
-
-    Every tensor input's axis 0 is the batch. ``verify``: ONNX Runtime against PyTorch on the
-    example inputs with ids ``(i + 1) mod (n + 1)``, after the batch-major check.
-    ``dtype`` "fp16"/"bf16": the model's weights and the stacks (A[k] = A_kᵀ, B[k] = s_k·B_kᵀ
-    computed in fp32) cast once, the model captured again in that dtype (``prepare.lowered``);
-    verified against the fp32 outputs within ``DTYPE_RTOL[dtype] · max(1, max |y|)``.
-    ``extras``: ``adapters`` (names by id), ``ids_file``, ``lora_inputs`` {site: in, out, r};
-    with ``dtype``: ``dtype`` and ``error_vs_fp32`` {"pytorch": max |Δ|}.
-    """
-    start = time.perf_counter()
-    dtype = None if dtype == "fp32" else dtype
-    if dtype is not None:
-        torch_dtype(dtype)  # refuses an unknown dtype before any work
-    args = tuple(example_inputs)
-    mixed = mixed_module(model, args, adapters, dynamic_shapes)
-    ids = example_ids(batch_of(args), len(mixed.names) - 1)
-    want = checked_outputs(mixed, args, ids) if verify else None
-    traced, traced_args, extras = (mixed, args, {}) if dtype is None else \
-        lowered_mixed(model, args, adapters, dynamic_shapes, dtype, ids,
-                      want if want is not None else forward(mixed, (*args, ids)))
-    program, found = mixed_program(traced, traced_args, ids, dynamic_shapes, opset)
-    _name_inputs(program.model, model, len(args))
-    external, layout = save_program(program, Path(path))
-    report = ExportReport(Path(path), False, 0.0, external, dict(op_histogram(program.model)),
-                          extras={"adapters": mixed.names, "lora_inputs": found, **extras})
-    del program
-    forget_rewriter_state()
-    report.extras["ids_file"] = str(write_ids(path, mixed.names))
-    if want is not None:
-        base = forward(mixed, (*args, torch.zeros_like(ids)))  # every row on id 0: no adapter
-        verify_file(report, (*traced_args, ids), want, atol, providers, dtype, layout=layout,
-                    base=base)
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-def lowered_mixed(model: nn.Module, args: tuple[Any, ...],
-                  adapters: Mapping[str, str | Path | Adapter] | Sequence[str | Path],
-                  dynamic_shapes: Any, dtype: str, ids: torch.Tensor,
-                  reference: list[torch.Tensor]) -> tuple[MixedBatch, tuple[Any, ...],
-                                                          dict[str, Any]]:
-    """The mixed module of ``model`` cast to ``dtype`` (captured again: ``prepare.lowered``),
-    stacks cast once; returns it, the cast inputs and ``{"dtype", "error_vs_fp32"}``, the
-    error of its outputs on ``(*args, ids)`` against the fp32 ``reference``."""
-    low_args = cast_inputs(args, dtype)
-    low = lowered(model, model, False, dtype, low_args, None, dynamic_shapes)
-    traced = mixed_module(low, low_args, adapters, dynamic_shapes, dtype)
-    error = torch_max_diff(forward(traced, (*low_args, ids)), reference)
-    return traced, low_args, {"dtype": dtype, "error_vs_fp32": {"pytorch": error}}
-
+from .verify import forward
 
 _BATCH = torch.export.Dim("batch")
 
@@ -246,7 +179,7 @@ def _gathered(site: str, value: Any) -> Any:
     return out
 
 
-def _name_inputs(model: Any, source: nn.Module, count: int) -> None:
+def name_inputs(model: Any, source: nn.Module, count: int) -> None:
     """The exporter names a ``*args`` forward's inputs ``args_i``: give them ``source``'s
     parameter names and the last one ``adapter_ids``."""
     params = [p.name for p in inspect.signature(source.forward).parameters.values()
@@ -256,3 +189,10 @@ def _name_inputs(model: Any, source: nn.Module, count: int) -> None:
     for value in model.graph.inputs:
         if value.name in names:
             value.name = names[value.name]
+
+
+def name_ids(model: Any, index: int) -> None:
+    """The input after the KV decoder's: ``adapter_ids`` [batch_size]."""
+    value = model.graph.inputs[index]
+    value.name = IDS_INPUT
+    value.shape = ir.Shape([ir.SymbolicDim(BATCH)])

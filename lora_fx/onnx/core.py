@@ -1,0 +1,79 @@
+"""The one export: a *target* x a *form* x a *precision*, one orchestrator, one report, one
+verification.
+
+- target (``onnx.targets``): what is traced and how its file is named, where it is written
+  with which side files, and the cases it is checked on: ``Plain`` (a module and its
+  example inputs), ``Decoder`` (a Hugging Face decoder with its KV cache, ORT GenAI's folder);
+- form (``onnx.forms``): how LoRA branches become ONNX and what adapter payload goes with
+  them: ``Merged`` (W' = W + s·B@A folded: the base graph), ``Unmerged`` (MatMul branches
+  with A', B' as overridable inputs), ``Mixed`` (stacked factors gathered by ``adapter_ids``);
+- precision: "fp32", "fp16", "bf16": the weights cast once after every fold in fp32, the
+  file checked against fp32 PyTorch (``onnx.limits``).
+
+    build (form on target) → trace → name → save → side files → cases → verify
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import memory
+from ..deploy_format import torch_dtype
+from .forms import Form
+from .report import ExportReport, op_histogram
+from .rules import forget_rewriter_state
+from .targets import Target
+from .verify import forward, torch_max_diff, verify_cases
+
+
+@dataclass
+class Job:
+    """One export's choices."""
+
+    path: Path
+    target: Target
+    form: Form
+    precision: str = "fp32"
+    opset: int | None = None
+    verify: bool = True
+    atol: float | None = None               # the limit's absolute part (default: precision's)
+    providers: list[Any] | None = None
+    release: bool = False                   # free the model's weights before verifying
+
+
+def export(job: Job) -> ExportReport:
+    """Run ``job``: write its file(s), verify them, return the report (see the module)."""
+    torch_dtype(job.precision)  # refuses an unknown precision before any work
+    job.target.check(job.path, job.precision, job.form)
+    start = time.perf_counter()
+    built = job.form.build(job.target, job.precision, job.verify, job.release)
+    program, lora_inputs = job.form.trace(built, job.target, job.opset, job.release)
+    job.target.name_io(program.model, built)
+    memory.trim()  # what tracing and translating freed: not resident while saving
+    external, layout = job.target.save(program, job.path)
+    report = ExportReport(job.path, built.merged, 0.0, external,
+                          dict(op_histogram(program.model)), dtype=job.precision,
+                          lora_inputs=lora_inputs)
+    report.extras.update(job.target.notes(program.model, built))
+    if lora_inputs:
+        report.extras["lora_inputs"] = lora_inputs
+    axes = job.target.symbolic(program.model, built) if job.verify else None
+    del program  # its IR may hold tensors of its own (folded constants): free them first
+    forget_rewriter_state()
+    job.target.side_files(report, built)
+    if job.precision != "fp32":
+        error = torch_max_diff(forward(built.module, built.call_args(built.args)),
+                               built.reference(job.target.args))
+        report.extras.update(dtype=job.precision, error_vs_fp32={"pytorch": error})
+    cases = job.target.cases(report, built, axes) if job.verify else []
+    if job.release:
+        built.release()
+        memory.trim()
+    if cases:
+        verify_cases(report, cases, job.atol, job.providers, job.precision, lean=job.release,
+                     layout=layout)
+    report.seconds = time.perf_counter() - start
+    return report
