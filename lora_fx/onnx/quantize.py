@@ -26,6 +26,9 @@ Never quantized, whatever the method (the quantizer is told to exclude their nod
 - the tensors and nodes named in ``keep``.
 So A' and B' stay float, inputs of the file, and an adapter file swaps in as on the float file.
 
+A linear on 2-D inputs exports as ``Gemm(x, W, b, transB=1)``: such a Gemm with a constant W
+is rewritten ``Add(MatMul(x, Wᵀ), b)`` first, so that it quantizes too.
+
 Embedding and LM head, as the builder treats them:
 - the head is a MatMul and is quantized like the others. A tied head reads the embedding table
   E [V, H] as ``Transpose(E)`` in an export; that constant Eᵀ is written out (the Transpose
@@ -118,6 +121,7 @@ def quantize(model: Any, bits: int = 4, block: int = 32, accuracy_level: int | N
     _name_nodes(graph)
     kept = {i.name for i in graph.input} | set(keep)
     kept |= {t.name for t in graph.initializer if t.name.endswith((A_SUFFIX, B_SUFFIX))}
+    _expose_gemms(graph, kept)
     heads = _expose_transposed(graph, kept)
     tie_ok = bits == 4 and method == "default" and symmetric and embeddings != "none"
     plan = _plan(graph, kept, heads, tie_ok, embeddings == "all")
@@ -227,6 +231,37 @@ def _constants(graph: onnx.GraphProto, kept: set[str]) -> dict[str, TensorProto]
     """Float 2-D initializers that may be quantized."""
     return {t.name: t for t in graph.initializer
             if t.name not in kept and t.data_type in _FLOATS and len(t.dims) == 2}
+
+
+def _expose_gemms(graph: onnx.GraphProto, kept: set[str]) -> None:
+    """A linear on 2-D inputs exports as ``Gemm(x, W, b, transB=1)`` (y = x·Wᵀ + b); the
+    quantizer takes MatMuls only, so each such Gemm with a constant W becomes
+    ``Add(MatMul(x, Wᵀ), b)`` (alpha = beta = 1, transA = 0 only; Wᵀ written out once)."""
+    consts = _constants(graph, kept)
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    made: dict[str, str] = {}
+    for node in list(graph.node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Gemm" or node.input[1] not in consts or attrs.get("transA", 0) or \
+                attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0) and weight not in made:
+            made[weight] = _free(f"{weight}.T", taken)
+            array = numpy_helper.to_array(consts[weight])
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array.T),
+                                                             made[weight]))
+        b = made[weight] if attrs.get("transB", 0) else weight
+        bias = len(node.input) > 2 and node.input[2] != ""
+        product = _free(f"{node.output[0]}_matmul", taken) if bias else node.output[0]
+        new = [helper.make_node("MatMul", [node.input[0], b], [product], name=node.name)]
+        if bias:
+            new.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                        name=_free(f"{node.name}/bias", taken)))
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        for k, n in enumerate(new):
+            graph.node.insert(at + k, n)
 
 
 def _expose_transposed(graph: onnx.GraphProto, kept: set[str]) -> dict[str, str]:

@@ -261,6 +261,29 @@ def test_refusals(kwargs: dict[str, Any], match: str) -> None:
         quantize(lora_graph(), **kwargs)
 
 
+def test_dynamo_program_gemms_through_onnx_ir(tmp_path: Path) -> None:
+    """``torch.onnx.export(dynamo=True)``'s ir model, quantized in place of its own and saved by
+    lorafx's saver: linears on 2-D inputs export as Gemm(x, W, b, transB=1), rewritten to
+    Add(MatMul(x, Wᵀ), b) so that they quantize too."""
+    from lora_fx.onnx.save import save_program
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(),
+                                torch.nn.Linear(96, 32)).eval()
+    x = torch.randn(3, 64)
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    assert program is not None
+    assert Counter(n.op_type for n in program.model.graph)["Gemm"] == 2
+    program.model = quantize(program.model, accuracy_level=4)
+    histogram = Counter(n.op_type for n in program.model.graph)
+    assert histogram["MatMulNBits"] == 2 and histogram["Gemm"] == 0 and histogram["Add"] == 2
+    save_program(program, tmp_path / "mlp.onnx")
+    s = session(tmp_path / "mlp.onnx")
+    got = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert rel(got, model(x).numpy()) < INT4_RTOL
+
+
 # --- lorafx's own exports --------------------------------------------------------------------
 def test_unmerged_export_int4(tmp_path: Path) -> None:
     """lorafx's unmerged export of a tiny LLaMA: 14 projections + head quantized, the branch
