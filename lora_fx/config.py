@@ -28,7 +28,11 @@ class LoraConfig:
     ``rank_pattern`` / ``alpha_pattern`` map a regex (matched as ``(.*\\.)?(key)$``) to a
     per-site rank / alpha. The branch scale is ``s = alpha / r``, or ``alpha / sqrt(r)`` with
     ``use_rslora``. ``target_modules="all-linear"``: every linear-form site but the output head
-    (PEFT's meaning; resolved by ``patterns.select``).
+    (PEFT's meaning; resolved by ``patterns.select``). ``target_parameters`` (PEFT's): parameter
+    paths (an entry matches a path equal to it or ending with ``.entry``) whose every linear use
+    gets LoRA on the parameter itself, ΔW_e = s·B_e A_e per expert of a 3-D stack [E, d1, d2]
+    (``branches.LoraExperts``), as PEFT's ParamWrapper; like PEFT it refuses lora_dropout,
+    fan_in_fan_out and use_dora.
 
     lorafx only (not PEFT's; never written into adapter_config.json): ``target_forms`` keeps
     sites whose form or kind it lists ("conv", "embedding", "matmul", "nn.Linear", ...) and,
@@ -48,6 +52,7 @@ class LoraConfig:
     r: int = 8
     lora_alpha: float = 8
     target_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
     lora_dropout: float = 0.0
     use_rslora: bool = False
     init_lora_weights: InitKind = True
@@ -71,6 +76,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
         self.validate()
 
     def validate(self) -> None:
@@ -109,10 +116,28 @@ class LoraConfig:
         if self.branch_compute not in COMPUTES:
             raise LoraFxError(f"branch_compute={self.branch_compute!r} must be one of "
                               f"{', '.join(COMPUTES)}")
+        self._validate_parameters()
         for key, mask in self.enable_lora.items():
             if not any(mask):
                 raise LoraFxError(f"enable_lora[{key!r}]={mask!r} needs at least one true "
                                   "slice, e.g. [true, false, true]")
+
+    def _validate_parameters(self) -> None:
+        """PEFT's ParamWrapper refusals, made when the config is built (PEFT: at injection)."""
+        if not self.target_parameters:
+            return
+        for field_name, on in (("lora_dropout", self.lora_dropout != 0),
+                               ("fan_in_fan_out", self.fan_in_fan_out),
+                               ("use_dora", self.use_dora)):
+            if on:
+                raise LoraFxError(f"target_parameters does not work with {field_name}="
+                                  f"{getattr(self, field_name)!r} (PEFT refuses it too): set "
+                                  f"{field_name} off, or target modules instead")
+
+    def targets_parameter(self, path: str) -> bool:
+        """True when ``target_parameters`` names the parameter at ``path`` (PEFT's match: equal
+        to an entry, or ending with ``.`` + entry)."""
+        return any(path == key or path.endswith("." + key) for key in self.target_parameters or [])
 
     # --- per-site values (PEFT's get_pattern_key) ---------------------------------------
     @staticmethod
@@ -226,7 +251,7 @@ _PEFT_IGNORED = frozenset({
     "runtime_config", "qalora_group_size", "ensure_weight_tying"})
 # PEFT LoraConfig fields that change the computation when set: refused unless unset.
 _PEFT_VARIANTS = ("lora_bias", "layer_replication", "use_qalora", "alora_invocation_tokens",
-                  "target_parameters", "trainable_token_indices", "use_bdlora", "arrow_config",
+                  "trainable_token_indices", "use_bdlora", "arrow_config",
                   "kasa_config", "monteclora_config", "velora_config")
 
 
@@ -266,6 +291,7 @@ _TYPES: dict[str, tuple[Any, str]] = {  # field: (check, what it must be)
     "lora_dropout": (_is_real, "a number"),
     "target_modules": (_opt(lambda v: isinstance(v, str) or _is_str_list(v)),
                        "a list of names or a regex string"),
+    "target_parameters": (_opt(_is_str_list), "a list of parameter names"),
     "exclude_modules": (_opt(lambda v: isinstance(v, str) or _is_str_list(v)),
                         "a list of names or a regex string"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),

@@ -19,9 +19,10 @@ from ..model.inject import inject
 from ..model.params import count_parameters
 from ..model.plan import plan_model
 from ..model.saving import base_model_name
-from .common import echo_json, init_value, patterns, site_json, table, target_config
+from .common import echo_json, init_value, patterns, site_json, table
 from .lists import ListCommand, ListOption
 from .options import adapter_dtype_option, device_option, dtype_option
+from .targets import lora_config, target_parameters_option
 
 
 @click.command("inject", cls=ListCommand)
@@ -31,6 +32,7 @@ from .options import adapter_dtype_option, device_option, dtype_option
                    "or -t a -t b; "
                    "'all-linear' for every linear but the output head.")
 @click.option("--target-regex", help="A regex matched against the whole site name instead.")
+@target_parameters_option
 @click.option("-r", "--rank", "rank", type=int, default=8, show_default=True)
 @click.option("--alpha", type=float, default=None, help="lora_alpha (default: the rank).")
 @click.option("--dropout", type=float, default=0.0, show_default=True)
@@ -49,16 +51,18 @@ from .options import adapter_dtype_option, device_option, dtype_option
 @device_option
 @dtype_option
 @adapter_dtype_option
-def inject_command(model: str, targets: tuple[str, ...], target_regex: str | None, rank: int,
+def inject_command(model: str, targets: tuple[str, ...], target_regex: str | None,
+                   target_parameters: tuple[str, ...], rank: int,
                    alpha: float | None, dropout: float, rslora: bool, init: str,
                    rank_pattern: tuple[str, ...], alpha_pattern: tuple[str, ...],
                    modules_to_save: tuple[str, ...], output: str | None, dry_run: bool,
                    as_json: bool, force: bool, seed: int, device: str | None,
                    model_dtype: str | None, adapter_dtype: str) -> None:
     """Inject LoRA into MODEL and write a fresh adapter (B = 0) to -o DIR."""
-    config = target_config(
-        targets, target_regex, rank, alpha, lora_dropout=dropout, use_rslora=rslora,
-        init_lora_weights=init_value(init), rank_pattern=patterns(rank_pattern, int),
+    config = lora_config(
+        targets, target_regex, target_parameters, rank, alpha, lora_dropout=dropout,
+        use_rslora=rslora, init_lora_weights=init_value(init),
+        rank_pattern=patterns(rank_pattern, int),
         alpha_pattern=patterns(alpha_pattern, float),
         modules_to_save=list(modules_to_save) or None,
         autocast_adapter_dtype=adapter_dtype == "fp32")

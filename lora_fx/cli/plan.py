@@ -10,8 +10,8 @@ import json
 import click
 
 from ..model.plan import plan_spec
-from .common import target_config
 from .lists import ListCommand, ListOption
+from .targets import lora_config, target_parameters_option
 
 
 def _human(n: float, unit: str = "B") -> str:
@@ -28,20 +28,22 @@ def _human(n: float, unit: str = "B") -> str:
               help="Site names or .-suffixes, as PEFT's target_modules: -t a,b, -t a b "
                    "or -t a -t b.")
 @click.option("--target-regex", help="A regex matched against the whole site name instead.")
+@target_parameters_option
 @click.option("-r", "--rank", type=int, default=8, show_default=True)
 @click.option("--alpha", type=float, default=None, help="lora_alpha (default: the rank).")
 @click.option("--modules-to-save", cls=ListOption,
               help="Modules trained in full (e.g. a head), as -t.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
-def plan_command(model: str, targets: tuple[str, ...], target_regex: str | None, rank: int,
-                 alpha: float | None, modules_to_save: tuple[str, ...], as_json: bool) -> None:
+def plan_command(model: str, targets: tuple[str, ...], target_regex: str | None,
+                 target_parameters: tuple[str, ...], rank: int, alpha: float | None,
+                 modules_to_save: tuple[str, ...], as_json: bool) -> None:
     """Plan a LoRA on MODEL built on the meta device: no weight is allocated.
 
     Prints the sites, trainable / total parameters (as PEFT counts them), the adapter's size in
     fp16 and fp32, and this run's time and peak memory.
     """
-    config = target_config(targets, target_regex, rank, alpha,
-                           modules_to_save=list(modules_to_save) or None)
+    config = lora_config(targets, target_regex, target_parameters, rank, alpha,
+                         modules_to_save=list(modules_to_save) or None)
     report, measured = plan_spec(model, config)
     if as_json:
         click.echo(json.dumps({**report.to_json(), **measured}, indent=2))

@@ -34,9 +34,11 @@ def output_heads(model: nn.Module | None, config: LoraConfig) -> set[str]:
 
 def _why_not(site: Site, config: LoraConfig, named: LoraConfig, heads: set[str]) -> str | None:
     """None when ``config`` targets ``site``, else the reason (for inspect and plan)."""
+    if config.targets_parameter(site.weight):
+        return None  # PEFT's target_parameters: LoRA on the parameter at each of its uses
     forms = config.target_forms
-    if site.kind == "experts":
-        return "expert stack: LoRA on expert parameters is not supported yet"
+    if site.kind == "experts" and not (forms and (site.kind in forms or site.form in forms)):
+        return "expert stack: name it in target_parameters"
     if forms and site.form not in forms and site.kind not in forms:
         return f"form {site.form} ({site.kind}) is not in target_forms"
     if config.is_excluded(site.name):
@@ -68,8 +70,10 @@ def select(sites: list[Site], config: LoraConfig,
     """Split ``sites`` into those ``config`` targets and the rest (each with its reason).
 
     ``target_modules`` as PEFT (``"all-linear"``: every linear-kind site but the output head,
-    expanded to full names first, as PEFT does); ``target_forms`` (lorafx only) keeps sites
-    whose form or kind it lists, and alone targets every such site.
+    expanded to full names first, as PEFT does); ``target_parameters`` as PEFT: every use of a
+    named parameter (expert stacks are reached only so, or by ``target_forms``);
+    ``target_forms`` (lorafx only) keeps sites whose form or kind it lists, and alone targets
+    every such site.
     """
     unknown = sorted(set(config.target_forms or []) - set(FORMS) - set(KINDS))
     if unknown:

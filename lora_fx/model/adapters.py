@@ -7,6 +7,7 @@ loading injects); both are imported from here.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ def apply_adapter(model: nn.Module, example_inputs: tuple[Any, ...], adapter: Ad
         raise LoraFxError(f"{where}: no site of the adapter ({some(sorted(adapter.lora))}) is in "
                           "this model: the adapter belongs to another model") from err
     state = require_state(gm)
+    adapter = by_site(gm, adapter)
     have, want = set(state.sites), set(adapter.lora)
     if want - have:
         raise LoraFxError(f"{where}: site {sorted(want - have)[0]!r} of the adapter is not in "
@@ -70,6 +72,16 @@ def apply_adapter(model: nn.Module, example_inputs: tuple[Any, ...], adapter: Ad
                           "adapter: the adapter is incomplete or for another model")
     load_weights(gm, adapter, where)
     return gm
+
+
+def by_site(gm: nn.Module, adapter: Adapter) -> Adapter:
+    """``adapter`` with its factors keyed by ``gm``'s site names: PEFT keys a target_parameters
+    site by its module path (``mlp.experts.base_layer`` when wrappers nest: ``peft_name``)."""
+    names = {b.peft_name: name for name, b in branches(gm).items() if b.peft_name}
+    if not names:
+        return adapter
+    lora = {names.get(key, key): pair for key, pair in adapter.lora.items()}
+    return dataclasses.replace(adapter, lora=lora)
 
 
 def load_weights(gm: nn.Module, adapter: Adapter, where: str) -> None:

@@ -38,6 +38,7 @@ from ..graph.state import get_state
 from ..load.meta import SkipMetaInit
 from ..load.model import load_model
 from ..match.matcher import Site, Skip, find_sites
+from ..match.parameters import annotate, check_named
 from ..match.select import select
 from ..passes.inject import build_branch
 
@@ -62,6 +63,8 @@ def plan(model: nn.Module, example_inputs: tuple[Any, ...], config: LoraConfig,
         if config.targets(skip.name):
             raise LoraFxError(f"target {skip.name!r} cannot take a LoRA: {skip.reason}; "
                               "remove it from target_modules")
+    check_named(config, gm, chosen)  # target_parameters: each names a site's weight
+    annotate(chosen, model, config)  # ... oriented and keyed as PEFT's ParamWrapper
     if not chosen:
         raise LoraFxError(_no_match(config, [s.name for s in sites]))
     return gm, chosen, rest + skips

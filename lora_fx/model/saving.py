@@ -23,18 +23,21 @@ def to_adapter(gm: nn.Module) -> Adapter:
     """The adapter held by an injected GraphModule (A, B per site; modules_to_save tensors).
 
     Its config is what PEFT reads: ``all-linear`` / ``target_forms`` become the explicit site
-    list, and a fused site is its exact plain equivalent (rank k·r, alpha keeping s); lorafx's
+    list (expert stacks go to ``target_parameters``, keyed as PEFT nests its wrappers), and a
+    fused site is its exact plain equivalent (rank k·r, alpha keeping s); lorafx's
     own config then rides along in ``Adapter.lorafx`` (``lorafx_config.json``). With no
     ``base_model_name_or_path`` in its config, a transformers model's name is recorded, as PEFT
     does.
     """
     state = require_state(gm)
     brs = branches(gm)
-    lora = {name: b.peft_factors() for name, b in brs.items()}
+    lora = {b.peft_name or name: b.peft_factors() for name, b in brs.items()}  # PEFT's keys
     kinds = {name: b.kind for name, b in brs.items() if b.kind == "embedding"}
     saved = {f"{name}.{pname}": p.detach() for name in state.saved
              for pname, p in gm.get_submodule(name).named_parameters()}
-    config, lorafx = _peft_view(state.config, list(state.sites), brs)
+    params = sorted(rec.weight for name, rec in state.sites.items()
+                    if brs[name].kind == "experts" or state.config.targets_parameter(rec.weight))
+    config, lorafx = _peft_view(state.config, list(state.sites), brs, params)
     if config.base_model_name_or_path is None and base_model_name(gm):  # PEFT records it
         config = dataclasses.replace(config, base_model_name_or_path=base_model_name(gm))
     magnitude = {name: extra[MAGNITUDE_KEY] for name, b in brs.items()
@@ -50,12 +53,17 @@ def base_model_name(model: nn.Module) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def _peft_view(config: LoraConfig, sites: list[str], brs: dict[str, LoraBranch]
-               ) -> tuple[LoraConfig, dict[str, Any] | None]:
-    """(config PEFT can load, lorafx's config when PEFT's view loses something, else None)."""
+def _peft_view(config: LoraConfig, sites: list[str], brs: dict[str, LoraBranch],
+               params: list[str]) -> tuple[LoraConfig, dict[str, Any] | None]:
+    """(config PEFT can load, lorafx's config when PEFT's view loses something, else None);
+    ``params``: the weights of the sites PEFT reaches through target_parameters."""
     changes: dict[str, Any] = {}
     if config.target_modules == "all-linear" or config.target_forms:
-        changes.update(target_modules=sorted(sites), target_forms=None)
+        modules = sorted(n for n in sites if brs[n].kind != "experts"
+                         and not config.targets_parameter(n))
+        changes.update(target_modules=modules or None, target_forms=None,
+                       target_parameters=sorted(set(config.target_parameters or []) | set(params))
+                       or None)
     fused = {n: b for n, b in brs.items() if isinstance(b, LoraFused)}
     if fused:  # keys sort first in the JSON and match one site only: PEFT takes the first match
         keys = {n: f"(?:^{re.escape(n)})" for n in fused}
@@ -76,6 +84,9 @@ def save_adapter(gm: nn.Module, directory: str | Path, force: bool = False) -> P
 
 
 def layout_config(gm: nn.Module) -> dict[str, bool]:
-    """PEFT's ``fan_in_fan_out``: True when every site's weight is [in, out] (HF Conv1D)."""
-    layouts = {rec.layout for rec in require_state(gm).sites.values()}
+    """PEFT's ``fan_in_fan_out``: True when every module site's weight is [in, out] (HF
+    Conv1D); expert stacks are oriented by their module instead (PEFT's target_parameters)."""
+    brs = branches(gm)
+    layouts = {rec.layout for name, rec in require_state(gm).sites.items()
+               if brs[name].kind != "experts"}
     return {"fan_in_fan_out": layouts == {"in_out"}}

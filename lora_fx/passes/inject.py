@@ -10,6 +10,7 @@ branch, as PEFT's wrapped module would.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 from torch import fx
@@ -17,8 +18,10 @@ from torch import fx
 from ..branches.base import LoraBranch
 from ..branches.conv import LoraConv
 from ..branches.embedding import LoraEmbedding
+from ..branches.experts import LoraExperts
 from ..branches.linear import LoraFused, LoraLinear
 from ..config import LoraConfig
+from ..errors import LoraFxError
 from ..graph.attrs import add_submodule
 from ..graph.state import BRANCH_ROOT, NODE_KEY, LoraState, SiteRecord
 from ..match.matcher import Site
@@ -41,11 +44,14 @@ def build_branch(site: Site, config: LoraConfig, dtype: torch.dtype,
     dtype = adapter_dtype(dtype, config.autocast_adapter_dtype)
     branch = _new_branch(site, config, dtype, device)
     branch.compute = config.branch_compute
+    branch.peft_name = str(site.geometry.get("peft_name", ""))
     return branch
 
 
 def _new_branch(site: Site, config: LoraConfig, dtype: torch.dtype,
                 device: torch.device) -> LoraBranch:
+    if site.kind == "experts":
+        return _experts_branch(site, config, dtype, device)
     if config.use_dora:  # DoRA: its own branch class (lora_fx.variants.dora)
         return dora_branch(site, config, dtype, device)
     r, scale = config.rank_for(site.name), config.scale_for(site.name)
@@ -62,16 +68,45 @@ def _new_branch(site: Site, config: LoraConfig, dtype: torch.dtype,
     return LoraLinear(*dims, r, scale, p, init, **kw)  # type: ignore[arg-type]
 
 
+def _experts_branch(site: Site, config: LoraConfig, dtype: torch.dtype,
+                    device: torch.device) -> LoraExperts:
+    """The branch of an expert stack W [E, d1, d2], oriented as PEFT's ParamWrapper."""
+    if config.use_dora:
+        raise LoraFxError(f"site {site.name!r} is a stack of {site.experts} experts: DoRA does "
+                          "not apply to expert parameters (PEFT refuses it too); set use_dora "
+                          "off or leave the experts out")
+    if config.init_lora_weights not in (True, False, "gaussian"):
+        raise LoraFxError(f"site {site.name!r}: init_lora_weights="
+                          f"{config.init_lora_weights!r} is not supported on expert stacks: use "
+                          "true, false or 'gaussian'")
+    d1, d2 = (site.out_features, site.in_features) if site.layout == "out_in" else \
+        (site.in_features, site.out_features)
+    return LoraExperts(site.experts, d1, d2, config.rank_for(site.name),
+                         config.scale_for(site.name),
+                         bool(site.geometry.get("peft_transposed", False)), site.layout,
+                         config.lora_dropout, config.init_lora_weights, dtype=dtype,
+                         device=device)
+
+
 def _reroute(node: fx.Node, add: fx.Node, delta: fx.Node) -> None:
     """Every user of ``node`` but ``add`` (and ``delta``, which may read it) reads ``add``."""
     node.replace_all_uses_with(add, delete_user_cb=lambda user: user not in (add, delta))
 
 
+def _branch_args(site: Site, x: Any) -> tuple[Any, ...]:
+    """What the branch is called with: x, and what else its kind reads (an embedding's Δ takes
+    the lookup's dtype from its output, ids carry none; an expert site's Δ the expert ids)."""
+    if site.kind == "embedding":
+        return (x, site.node)
+    if site.kind == "experts":
+        return (x, site.expert_index, site.weight_left)
+    return (x,)
+
+
 def _insert(graph: fx.Graph, site: Site, path: str) -> None:
     with graph.inserting_after(site.node):
         x = site.node.args[site.x_arg]  # read now: earlier inserts may have rewired it
-        # an embedding's Δ takes the lookup's dtype from its output (ids carry none)
-        delta = graph.call_module(path, (x, site.node) if site.kind == "embedding" else (x,))
+        delta = graph.call_module(path, _branch_args(site, x))
     with graph.inserting_after(delta):
         add = graph.call_function(operator.add, (site.node, delta))
     _reroute(site.node, add, delta)

@@ -31,7 +31,7 @@ from torch import nn
 from ..adapter.peft import WEIGHTS_NAME, read_adapter
 from ..errors import LoraFxError
 from ..graph.state import require_state
-from ..model.adapters import load_weights, save_adapter
+from ..model.adapters import by_site, load_weights, save_adapter
 from ..model.params import branches
 
 try:
@@ -54,7 +54,7 @@ def graph_input_names(model: nn.Module) -> list[str]:
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     """Copy the adapter in ``directory`` (A and B per site, DoRA magnitudes, modules_to_save
     tensors) into ``model``, an injected GraphModule with the same sites."""
-    adapter = read_adapter(directory)
+    adapter = by_site(model, read_adapter(directory))
     found = branches(model)
     if set(adapter.lora) != set(found):
         odd = sorted(set(adapter.lora) ^ set(found))[0]

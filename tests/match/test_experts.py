@@ -1,7 +1,10 @@
 """Expert sites (issue 26): every form of a linear op reading one expert, or a per-row gather
-of experts, of a 3-D parameter fires in both capture paths."""
+of experts, of a 3-D parameter fires in both capture paths and gives PEFT's target_parameters
+output (PEFT's ParamWrapper adds s·ΔW_e to the stack itself: the reference)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from torch import nn
 import lora_fx
 from lora_fx.match.matcher import find_sites, weight_readers
 from lora_fx.match.peft_reach import peft_reachable
+from tests.helpers import randomize_lora
 
 E = 3
 
@@ -95,3 +99,24 @@ def test_expert_form_is_a_site_with_its_expert_axis(case: str, method: str) -> N
 def test_bmm_of_two_activations_is_not_a_site(method: str) -> None:
     gm = lora_fx.capture(ExpertOp("attention"), (rows(),), method=method)
     assert find_sites(gm) == ([], [])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_expert_branch_gives_peft_target_parameters_output(case: str) -> None:
+    import peft  # the reference implementation (tests only)
+
+    param = CASES[case][0]
+    model, x = ExpertOp(case).eval(), rows()
+    cfg = dict(r=2, lora_alpha=6, target_parameters=[f"experts.{param}"])
+    gm = lora_fx.inject(model, (x,), lora_fx.LoraConfig(**cfg))
+    randomize_lora(gm, seed=3, scale=0.5)
+    ref = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg)).eval()
+    branch = lora_fx.branches(gm)[f"experts.{param}"]
+    ref.load_state_dict({f"base_model.model.experts.lora_{ab}.default.weight":
+                         getattr(branch, f"lora_{ab}").weight.detach() for ab in "AB"},
+                        strict=False)
+    with torch.no_grad():
+        want = ref(x)
+        assert (want - model(x)).abs().max() > 0.1  # the adapter moves the output
+        torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lora_fx.merge(gm)(x), want, rtol=1e-5, atol=1e-5)
