@@ -110,6 +110,24 @@ def test_base_matmuls_quantized_lora_inputs_kept(bits: int, rtol: float) -> None
     assert rel(got[1], want[1]) < rtol
 
 
+def test_fp16_files() -> None:
+    """An fp16 file (weights, inputs, outputs): fp16 scales, fp16 outputs, A', B' fp16 still."""
+    fp16 = lora_graph()
+    for t in fp16.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in [*fp16.graph.input, *fp16.graph.output]:
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    q = quantize(fp16, accuracy_level=4)
+    assert ops(q)["MatMulNBits"] == 2
+    assert {t.name: t.data_type for t in q.graph.initializer}["layers.0.proj" + A] == \
+        TensorProto.FLOAT16
+    x = rng(1).standard_normal((2, 5, D_IN)).astype(np.float16)
+    got, want = session(q).run(None, {"x": x})[1], session(fp16).run(None, {"x": x})[1]
+    assert got.dtype == np.float16
+    assert rel(got.astype(np.float32), want.astype(np.float32)) < INT4_RTOL
+
+
 def test_adapter_inputs_swap_exactly_on_the_int4_file() -> None:
     """Feeding A₂', B₂' in place of the defaults changes y by x·(A₂'B₂' − A₁'B₁'): the base's
     rounding cancels, so the adapter acts exactly as on the float file."""
@@ -312,6 +330,24 @@ def test_unmerged_export_int4(tmp_path: Path) -> None:
     assert rel(got, session(fp32).run(None, {"input_ids": x})[0]) < INT4_RTOL
     zeros = {n: np.zeros_like(before[n]) for n in lora}
     assert not np.allclose(s.run(None, {"input_ids": x, **zeros})[0], got)  # inputs are live
+    # another adapter, converted against the int4 file, swaps in through ONNX Runtime's API
+    from lora_fx.ort.adapters import convert_adapter, read_ort_adapter
+
+    q_path = tmp_path / "int4.onnx"
+    quantize_file(path, q_path, accuracy_level=4)
+    randomize_lora(gm, seed=1, scale=0.3)
+    lora_fx.save_adapter(gm, tmp_path / "second")
+    file = convert_adapter(tmp_path / "second", tmp_path / "second.onnx_adapter",
+                           model=q_path).path
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(file))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    s = session(q_path)
+    with_file = s.run(None, {"input_ids": x}, options)[0]
+    fed = s.run(None, {"input_ids": x, **read_ort_adapter(file)})[0]
+    np.testing.assert_array_equal(with_file, fed)
+    assert not np.allclose(with_file, got)
 
 
 def test_mixed_export_int4(tmp_path: Path) -> None:
