@@ -51,8 +51,11 @@ per-node bit widths (the builder's int8 head option).
 
 Models: ``quantize`` takes an ``onnx.ModelProto`` (copied, never changed), an ``onnx_ir.Model``
 (converted, returned as one) or a path (its external data loaded); ``quantize_file`` writes the
-result through ``onnx.save.save_program`` (atomic, external data past ``EXTERNAL_DATA_BYTES``).
-Weights outside protobuf's 2 GB limit are fine in memory; only a file has to split them.
+result through ``lora_fx.onnx.save.save_program`` (atomic, external data past
+``EXTERNAL_DATA_BYTES``). Nothing here serializes the whole model, so weights past protobuf's
+2 GB limit stay in memory until the file is written with external data (the "default" and
+"hqq" paths never serialize; "rtn" / "kquant" only warn past 2 GB); not exercised past 2 GB
+here. Memory: the float model, its ModelProto copy, and the packed weights while quantizing.
 """
 
 from __future__ import annotations
