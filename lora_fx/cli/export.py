@@ -126,19 +126,17 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
             report: Any = export_kv_mixed(loaded.module, output, named, opset=opset,
                                           verify=verify, atol=atol, dtype=dtype,
                                           source=loaded.extras.get("directory"))
-            diff = max(report.max_abs_diff.values(), default=None)
         else:
             report = export_mixed(loaded.module, loaded.example_inputs, named, output,
                                   opset=opset, verify=verify, atol=atol,
                                   dynamic_shapes=loaded.dynamic_shapes, dtype=dtype)
-            diff = report.max_abs_diff
     names = read_ids(report.path) or []
     data: dict[str, Any] = {"output": str(report.path), "mixed_batch": True,
                             "kv_cache": kv_cache, "adapters": {n: k for k, n in enumerate(names)},
                             "ids_file": str(ids_file(report.path)),
                             "seconds": round(report.seconds, 3),
                             "nodes": sum(report.op_histogram.values()),
-                            "max_abs_diff": diff, "provider": report.provider,
+                            "max_abs_diff": report.max_abs_diff, "provider": report.provider,
                             "lora_inputs": report.extras["lora_inputs"] if not kv_cache
                             else report.lora_inputs, "bytes": os.path.getsize(report.path),
                             "dtype": dtype, "checks": checks_json(report.checks)}

@@ -43,7 +43,7 @@ def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: 
         "outputs": layout.output_names(), "genai_config": str(out.parent / "genai_config.json"),
         "tokenizer_files": report.copied, "lora_inputs": report.lora_inputs,
         "adapter_file": str(report.adapter_file) if report.adapter_file else None,
-        "max_abs_diff": report.max_abs_diff, "provider": report.provider,
+        "max_abs_diff": report.errors, "provider": report.provider,
         "dtype": report.dtype, "tolerance": report.limits or None,
         "nodes": sum(report.op_histogram.values()), "bytes": os.path.getsize(report.path),
         "external_data": report.external_data, "checks": checks_json(report.checks)}

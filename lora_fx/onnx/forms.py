@@ -35,7 +35,7 @@ from ..graph.state import get_state
 from ..model.adapters import to_adapter
 from ..model.merge import without_branches
 from ..ort.adapters import onnx_params
-from .mixed_batch import MixedBatch, example_ids
+from .mixed_batch import MixedBatch, example_ids, mixed_module
 from .mixed_program import batch_of, checked_outputs, mixed_program
 from .outputs import name_outputs, output_names
 from .prepare import Prepared, cast_inputs, prepare
@@ -172,8 +172,6 @@ class Mixed:
     name: str = "mixed"
 
     def build(self, target: Target, precision: str, verify: bool, release: bool) -> Built:
-        from .mixed_batch import mixed_module
-
         base_model = target.injected(None)
         mixed = mixed_module(base_model, target.args, self.adapters, target.dynamic_shapes)
         ids = example_ids(batch_of(target.args), len(mixed.names) - 1)

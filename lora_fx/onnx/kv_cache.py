@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraFxError
+from ..plugins.hf import max_positions
 
 TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 4, 3   # P = 3: no 0/1 specialization of any axis
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = (
@@ -146,15 +147,6 @@ def decoder_layout(module: nn.Module) -> DecoderLayout:
         vocab=int(logits.shape[-1]), positions=max_positions(config),
         position_ids="position_ids" in params, cache_arg=cache_arg,
         dtype=layers[0].keys.dtype, tokens=_token_ids(module, config))
-
-
-def max_positions(config: Any) -> int:
-    """The context length: ``max_position_embeddings`` (or GPT-2's ``n_positions``)."""
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 16
 
 
 def _token_ids(module: nn.Module, config: Any) -> dict[str, Any]:

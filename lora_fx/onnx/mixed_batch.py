@@ -39,6 +39,7 @@ from ..graph.copy import shallow_copy
 from ..graph.state import LoraState, get_state, require_state
 from ..model.inject import inject
 from ..ort.adapters import onnx_params
+from .unmerged import FrozenWeight
 
 
 @torch.library.custom_op("lorafx::mixed_lora_delta", mutates_args=())
@@ -70,20 +71,14 @@ class RowIds:
     ids: torch.Tensor | None = None
 
 
-class _Weight(nn.Module):
-    def __init__(self, value: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(value, requires_grad=False)
-
-
 class MixedBranch(nn.Module):
     """Δ(x)_i = (x_i A[ids_i]) B[ids_i] with the stacks at ``lora_A.weight`` [n+1, in, r] and
     ``lora_B.weight`` [n+1, r, out] (scales folded into B), x batch-major."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, rows: RowIds) -> None:
         super().__init__()
-        self.lora_A = _Weight(a)
-        self.lora_B = _Weight(b)
+        self.lora_A = FrozenWeight(a)
+        self.lora_B = FrozenWeight(b)
         self.rows = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,13 +33,11 @@ from ..deploy_format import (
     RANK_META,
 )
 from ..errors import LoraFxError
-from ..graph.attrs import set_attr_cow
-from ..graph.copy import shallow_copy
 from ..graph.state import require_state
 from .kv_cache import BATCH
 from .mixed_batch import MixedBatch, MixedBranch, translation_table
 from .trace import to_onnx
-from .unmerged import rename_initializer
+from .unmerged import rename_initializer, with_placeholders
 from .verify import forward
 
 _BATCH = torch.export.Dim("batch")
@@ -111,15 +109,9 @@ def checked_outputs(mixed: MixedBatch, args: tuple[Any, ...],
 
 
 def _placeholders(mixed: MixedBatch) -> MixedBatch:
-    """``mixed`` with random stacks of the same shapes (see the module docstring)."""
-    model = shallow_copy(mixed.model)
-    gen = torch.Generator().manual_seed(0)
-    for path in _branches(mixed):
-        for key in (A_SUFFIX, B_SUFFIX):
-            real = mixed.model.get_parameter(path + key)
-            fake = torch.randn(real.shape, generator=gen).to(real.dtype)
-            set_attr_cow(model, path + key, nn.Parameter(fake, requires_grad=False))
-    return MixedBatch(model, mixed.rows, mixed.names)
+    """``mixed`` with random stacks of the same shapes (``unmerged.with_placeholders``)."""
+    keys = [path + key for path in _branches(mixed) for key in (A_SUFFIX, B_SUFFIX)]
+    return MixedBatch(with_placeholders(mixed.model, keys), mixed.rows, mixed.names)
 
 
 def _branches(mixed: MixedBatch) -> dict[str, MixedBranch]:

@@ -78,6 +78,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..deploy_format import A_SUFFIX, B_SUFFIX
 from ..errors import LoraFxError
+from .save import save_program
 
 METHODS = ("default", "rtn", "kquant", "hqq")
 EMBEDDINGS = ("tied", "all", "none")
@@ -156,7 +157,6 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str] | Non
                   **options: Any) -> Path:
     """Quantize the file ``src`` (``quantize``'s options) into ``dst`` (default: ``src``
     itself, replaced atomically); external data past ``EXTERNAL_DATA_BYTES``. Returns ``dst``."""
-    from .save import save_program  # deferred: the saver imports the exporter's helpers
 
     target = Path(dst if dst is not None else src)
     quantized = quantize(Path(src), **options)

@@ -61,7 +61,10 @@ def translation_table() -> dict[Any, Any]:
     return {torch.ops.lorafx.lora_delta.default: _lora_delta_onnx}
 
 
-class _Weight(nn.Module):
+class FrozenWeight(nn.Module):
+    """A factor at ``.weight`` (frozen), so that a branch's factors export as
+    ``<branch>.lora_A.weight`` / ``<branch>.lora_B.weight``, the names PEFT's keys end with."""
+
     def __init__(self, value: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(value, requires_grad=False)
@@ -74,8 +77,8 @@ class OnnxBranch(nn.Module):
 
     def __init__(self, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
         super().__init__()
-        self.lora_A = _Weight(a_t)
-        self.lora_B = _Weight(b_t)
+        self.lora_A = FrozenWeight(a_t)
+        self.lora_B = FrozenWeight(b_t)
 
     @classmethod
     def from_branch(cls, branch: LoraBranch, site: str,
@@ -193,21 +196,29 @@ def _check_branch(site: str, a: Any, b: Any) -> Any:
     return hidden
 
 
+def with_placeholders(module: nn.Module, keys: list[str]) -> nn.Module:
+    """A copy of ``module`` whose parameters ``keys`` are distinct random tensors of the same
+    shapes and dtypes: the exporter's optimizer merges equal initializers (B = 0 at every
+    site would become one tensor), so factors are traced as placeholders and given their
+    values in the ONNX IR afterwards."""
+    copy = shallow_copy(module)
+    gen = torch.Generator().manual_seed(0)
+    for key in keys:
+        real = module.get_parameter(key)
+        fake = torch.randn(real.shape, generator=gen).to(real.dtype)
+        set_attr_cow(copy, key, nn.Parameter(fake, requires_grad=False))
+    return copy
+
+
 def export_unmerged(module: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any,
                     opset: int | None) -> tuple[Any, dict[str, dict[str, int]]]:
     """Export ``module`` (a ``deploy_module``, possibly cast) and expose its adapter inputs;
     returns the ONNXProgram and ``{site: {"in", "out", "r"}}``."""
 
     paths = branch_paths(module)
-    placeholders = shallow_copy(module)
-    gen = torch.Generator().manual_seed(0)
-    values: dict[str, torch.Tensor] = {}
-    for path in paths.values():
-        for key in (path + A_SUFFIX, path + B_SUFFIX):
-            values[key] = module.get_parameter(key)
-            fake = torch.randn(values[key].shape, generator=gen).to(values[key].dtype)
-            set_attr_cow(placeholders, key, nn.Parameter(fake, requires_grad=False))
-    program = to_onnx(placeholders, args, dynamic_shapes, opset,
+    values: dict[str, torch.Tensor] = {key: module.get_parameter(key) for path in paths.values()
+              for key in (path + A_SUFFIX, path + B_SUFFIX)}
+    program = to_onnx(with_placeholders(module, list(values)), args, dynamic_shapes, opset,
                       translations=translation_table())
     found = expose_lora_inputs(program.model, paths, values)
     return program, {f.site: {"in": f.in_features, "out": f.out_features, "r": f.rank}

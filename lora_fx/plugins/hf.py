@@ -177,7 +177,7 @@ def example_kwargs(model: nn.Module, config: Any, batch: int = BATCH, seq: int =
                           "example inputs for input_ids and pixel_values models only: write a "
                           "model.py with example_inputs()")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    seq = min(seq, max(2, _max_positions(text) - 2))
+    seq = min(seq, max(2, max_positions(text) - 2))
     out = {"input_ids": _token_ids(text, batch, seq, g),
            "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
     if takes_token_types(model, text):  # BERT and kin: an input of the export, as optimum's
@@ -194,9 +194,11 @@ def takes_token_types(model: nn.Module, text: Any) -> bool:
     return "token_type_ids" in params and int(getattr(text, "type_vocab_size", 0) or 0) > 1
 
 
-def _max_positions(text: Any) -> int:
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        value = getattr(text, key, None)
+def max_positions(config: Any) -> int:
+    """A transformers config's context length: ``max_position_embeddings`` (GPT-2's
+    ``n_positions``, others' ``max_seq_len`` / ``seq_length``); 65536 where none is given."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
     return 1 << 16

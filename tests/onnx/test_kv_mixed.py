@@ -56,7 +56,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_each_row_decodes_like_peft_generate_with_its_adapter(
         kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     m = request.getfixturevalue(kind) if kind == "llama" else build(kind, tmp_path)
-    assert max(m["report"].max_abs_diff.values()) <= 1e-4
+    assert max(m["report"].errors.values()) <= 1e-4
     assert len({tuple(t) for t in m["want"][1:]}) > 1  # the adapters change the tokens
     got = open_decoder(m["dir"], "onnxruntime").generate(PROMPTS, NEW, rows=ROWS).tokens
     for g, w in zip(got, m["want"], strict=True):  # a row stops at eos, as generate() does
@@ -103,8 +103,8 @@ def test_fp16_rows_decode_like_peft_generate(llama: dict[str, Any], tmp_path: Pa
 
     report = export_kv_mixed(llama["base"], tmp_path / "kv16" / "model.onnx", llama["dirs"],
                              dtype="fp16")
-    assert report.dtype == "fp16" and set(report.limits) == set(report.max_abs_diff)
-    assert all(report.max_abs_diff[k] <= report.limits[k] for k in report.limits)
+    assert report.dtype == "fp16" and set(report.limits) == set(report.errors)
+    assert all(report.errors[k] <= report.limits[k] for k in report.limits)
     proto = onnx.load(str(report.path), load_external_data=False)
     floats = {v.type.tensor_type.elem_type for v in proto.graph.input
               if v.name.startswith("past_key_values") or v.name.endswith(".weight")}
