@@ -13,12 +13,13 @@ import click
 from ..config import LoraConfig
 from ..errors import LoraFxError
 from ..onnx.limits import Check
+from ..onnx.survival import Survival
 
 
 def verified_line(checks: Sequence[Check], provider: str | None, note: str = "") -> str:
     """One line for a verified export: the worst case against its limit, the limit's basis,
     each case's error and the adapter's own effect (where a case ran one)."""
-    worst = max(checks, key=lambda c: c.max_abs_diff / c.limit if c.limit else 0.0)
+    worst = max(checks, key=lambda c: c.error / c.limit if c.limit else 0.0)
     cases = ", ".join(f"{c.name} {c.max_abs_diff:.3g}" for c in checks)
     effects = [c.effect for c in checks if c.effect is not None]
     moved = f"; the adapter moves outputs by up to {max(effects):.3g}" if effects else ""
@@ -26,8 +27,23 @@ def verified_line(checks: Sequence[Check], provider: str | None, note: str = "")
         moved = "; the adapter changes no output (B = 0: not trained yet)"
     elif any(c.blind for c in checks):
         moved += ", within the limit: a file without the adapter would pass too"
+    if worst.relative is not None:
+        return (f"verified: |ONNX Runtime - PyTorch| / |PyTorch| = {worst.relative:.3g} on "
+                f"{provider} (max abs {cases}; limit {worst.limit:g} = {worst.basis}{note}"
+                f"{moved})")
     return (f"verified: max |ONNX Runtime - PyTorch| = {worst.max_abs_diff:.3g} on {provider} "
             f"({cases}; limit {worst.limit:.3g} = {worst.basis}{note}{moved})")
+
+
+def survival_json(survival: Survival | None) -> dict[str, Any] | None:
+    return None if survival is None else dataclasses.asdict(survival)
+
+
+def echo_survival(survival: Survival | None) -> None:
+    """A merged int4/int8 file's adapter report on stdout where it survived (a lost adapter is
+    a warning on stderr, naming --no-merge)."""
+    if survival is not None and not survival.lost:
+        click.echo(survival.message)
 
 
 def checks_json(checks: Sequence[Check]) -> list[dict[str, Any]]:

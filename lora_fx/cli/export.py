@@ -19,7 +19,7 @@ from ..load.model import load_model
 from ..model.adapters import load_adapter
 from ..onnx.targets import check_kv_dtype
 from ..ort.adapter_sets import named_dirs
-from .common import checks_json, echo_json, verified_line
+from .common import checks_json, echo_json, echo_survival, survival_json, verified_line
 from .export_kv import export_kv_command
 from .options import device_option
 
@@ -42,7 +42,14 @@ from .options import device_option
 @click.option("--atol", type=click.FloatRange(min=0), default=None,
               help="The absolute part of the verification limit (default: the precision's "
                    "own, 1e-4 for fp32).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+@click.option("--quant-block", type=click.Choice(["16", "32", "64", "128", "256"]),
+              default="32", show_default=True,
+              help="int4/int8: rows of a weight quantized together (one scale per block).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="int4/int8: MatMulNBits' accuracy_level (ONNX Runtime's name; 4 computes in "
+                   "int8 on the CPU, as ORT GenAI's CPU int4 models do).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16", "int4", "int8"]),
+              default="fp32",
               show_default=True, help="Weight precision: merged in fp32, cast once; the error "
                                       "against fp32 is reported.")
 @click.option("--kv-cache", is_flag=True,
@@ -53,21 +60,22 @@ from .options import device_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_batch: bool,
                    output: str, opset: int | None, verify: bool, atol: float | None,
-                   dtype: str, kv_cache: bool, as_json: bool, device: str | None,
-                   force: bool) -> None:
+                   quant_block: str, accuracy_level: int | None, dtype: str, kv_cache: bool,
+                   as_json: bool, device: str | None, force: bool) -> None:
     """Export MODEL (with --adapter: merged or not; several: --mixed-batch) to ONNX."""
     check_output_file(output, force)  # before any work; missing folders are made to write
+    quant: dict[str, Any] = {"quant_block": int(quant_block), "accuracy_level": accuracy_level}
     if device is not None and (mixed_batch or len(adapters) > 1 or kv_cache):
         raise LoraFxError("--device with --kv-cache or several adapters is not supported yet: "
                           "export those on the CPU (drop --device)")
     if mixed_batch or len(adapters) > 1:
         _export_mixed(model, adapters, mixed_batch, output, opset, verify, atol, dtype,
-                      kv_cache, as_json)
+                      kv_cache, as_json, quant)
         return
     adapter_dir = adapters[0] if adapters else None
     if kv_cache:
         export_kv_command(model, adapter_dir, merge, output, opset, verify, atol, dtype,
-                          as_json)
+                          as_json, quant)
         return
     where = resolve_device(device)
     loaded = place(load_model(model), where)  # capture and merge where the weights live
@@ -81,13 +89,14 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
     with made_dirs(Path(output).parent):  # removed again if the export fails
         report = export_onnx(gm, loaded.example_inputs, output, merge=merge, opset=opset,
                              verify=verify, atol=atol, dynamic_shapes=loaded.dynamic_shapes,
-                             dtype=dtype,
+                             dtype=dtype, **quant,
                              model=loaded.module, release=True)  # this process is done with it
     data: dict[str, Any] = {"output": str(report.path), "merged": bool(adapter_dir) and merge,
             "seconds": round(report.seconds, 3), "external_data": report.external_data,
             "nodes": sum(report.op_histogram.values()), "op_histogram": report.op_histogram,
             "max_abs_diff": report.max_abs_diff, "provider": report.provider,
-            "bytes": os.path.getsize(report.path), "checks": checks_json(report.checks)}
+            "bytes": os.path.getsize(report.path), "checks": checks_json(report.checks),
+            "survival": survival_json(report.survival)}
     data.update({**report.extras, "dtype": dtype})
     if as_json:
         echo_json(data)
@@ -99,6 +108,7 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
         tf32 = report.extras.get("verification", {}).get("tf32")
         click.echo(verified_line(report.checks, report.provider,
                                  f", TF32 {tf32}" if tf32 else ""))
+    echo_survival(report.survival)
     for name, axes in report.extras.get("fixed_axes", {}).items():
         click.echo(f"note: input {name} has fixed axes {axes}: the model fixes them, so the "
                    "file runs only at the example's sizes there", err=True)
@@ -109,7 +119,7 @@ def export_command(model: str, adapters: tuple[str, ...], merge: bool, mixed_bat
 
 def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, output: str,
                   opset: int | None, verify: bool, atol: float | None, dtype: str,
-                  kv_cache: bool, as_json: bool) -> None:
+                  kv_cache: bool, as_json: bool, quant: dict[str, Any]) -> None:
     """``--mixed-batch``: every ``--adapter`` ([NAME=]DIR) stacked in one graph (with
     ``--kv-cache``: the decoder with its cache, in a folder)."""
     if not mixed_batch:
@@ -124,12 +134,12 @@ def _export_mixed(model: str, adapters: tuple[str, ...], mixed_batch: bool, outp
     with made_dirs(Path(output).parent):  # removed again if the export fails
         if kv_cache:
             report: Any = export_kv_mixed(loaded.module, output, named, opset=opset,
-                                          verify=verify, atol=atol, dtype=dtype,
+                                          verify=verify, atol=atol, dtype=dtype, **quant,
                                           source=loaded.extras.get("directory"))
         else:
             report = export_mixed(loaded.module, loaded.example_inputs, named, output,
                                   opset=opset, verify=verify, atol=atol,
-                                  dynamic_shapes=loaded.dynamic_shapes, dtype=dtype)
+                                  dynamic_shapes=loaded.dynamic_shapes, dtype=dtype, **quant)
     names = read_ids(report.path) or []
     data: dict[str, Any] = {"output": str(report.path), "mixed_batch": True,
                             "kv_cache": kv_cache, "adapters": {n: k for k, n in enumerate(names)},

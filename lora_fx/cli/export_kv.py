@@ -14,12 +14,12 @@ from ..fileio import made_dirs
 from ..load.model import load_model
 from ..onnx.export import export_kv
 from ..onnx.targets import check_kv_dtype
-from .common import checks_json, echo_json, verified_line
+from .common import checks_json, echo_json, echo_survival, survival_json, verified_line
 
 
 def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: str,
                       opset: int | None, verify: bool, atol: float | None, dtype: str,
-                      as_json: bool) -> None:
+                      as_json: bool, quant: dict[str, Any]) -> None:
     """Export MODEL (a Hugging Face decoder) with its KV cache to ``output`` (DIR/model.onnx),
     with genai_config.json, the tokenizer files and (unmerged) the adapter file beside it."""
     check_kv_dtype(dtype)
@@ -31,7 +31,7 @@ def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: 
         report = export_kv(loaded.module, out, adapter=adapter_dir, merge=merge, opset=opset,
                            verify=verify, atol=atol, source=loaded.extras.get("directory"),
                            adapter_name=Path(adapter_dir).name if adapter_dir else "adapter",
-                           dtype=dtype)
+                           dtype=dtype, **quant)
     layout = report.layout
     assert layout is not None  # a KV-cache export's report has it
     kind = "base model" if not adapter_dir else ("merged" if merge else "unmerged")
@@ -46,7 +46,8 @@ def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: 
         "max_abs_diff": report.errors, "provider": report.provider,
         "dtype": report.dtype, "tolerance": report.limits or None,
         "nodes": sum(report.op_histogram.values()), "bytes": os.path.getsize(report.path),
-        "external_data": report.external_data, "checks": checks_json(report.checks)}
+        "external_data": report.external_data, "checks": checks_json(report.checks),
+        "survival": survival_json(report.survival)}
     if as_json:
         echo_json(data)
         return
@@ -61,3 +62,4 @@ def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: 
                    f"`lorafx generate {out.parent} --adapter {report.adapter_file}`")
     if report.checks:
         click.echo(verified_line(report.checks, report.provider))
+    echo_survival(report.survival)

@@ -129,9 +129,7 @@ def quantize(model: Any, bits: int = 4, block: int = 32, accuracy_level: int | N
     heads = _expose_transposed(graph, kept)
     tie_ok = bits == 4 and method == "default" and symmetric and embeddings != "none"
     plan = _plan(graph, kept, heads, tie_ok, embeddings == "all")
-    from onnxruntime.quantization.matmul_nbits_quantizer import (  # deferred: heavy
-        MatMulNBitsQuantizer,
-    )
+    MatMulNBitsQuantizer = _quantizer().MatMulNBitsQuantizer  # noqa: N806 - its own name
 
     ops = ("MatMul", "Gather") if plan.gathers else ("MatMul",)
     if plan.gathers:
@@ -371,8 +369,7 @@ def _int4_opset(model: onnx.ModelProto) -> None:
 def _algo(method: str, bits: int, block: int, symmetric: bool, accuracy_level: int | None,
           ops: tuple[str, ...], plan: _Plan) -> Any:
     """The quantizer's algorithm config for ``method``."""
-    from onnxruntime.quantization import matmul_nbits_quantizer as q  # deferred: heavy
-
+    q = _quantizer()
     if method == "default":
         return q.DefaultWeightOnlyQuantConfig(
             block_size=block, is_symmetric=symmetric, accuracy_level=accuracy_level,
@@ -384,6 +381,19 @@ def _algo(method: str, bits: int, block: int, symmetric: bool, accuracy_level: i
     widths = {name: {"bits": bits} for name in plan.matmuls}
     config = q.RTNWeightOnlyQuantConfig if method == "rtn" else q.KQuantWeightOnlyQuantConfig
     return config(op_types_to_quantize=("MatMul",), customized_weight_config=widths)
+
+
+def _quantizer() -> Any:
+    """ONNX Runtime's ``matmul_nbits_quantizer`` module (deferred: heavy). Importing it calls
+    ``logging.basicConfig(level=INFO)``, which would print every library's INFO records
+    (onnx_ir's passes...) for the rest of the process: the root logger is given back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return matmul_nbits_quantizer
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from onnx_ir.traversal import RecursiveGraphIterator
 
 from .kv_cache import DecoderLayout
 from .limits import Check
+from .survival import Survival
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ExportReport:
     layout: DecoderLayout | None = None
     adapter_file: Path | None = None
     copied: list[str] = field(default_factory=list)
+    survival: Survival | None = None      # merged int4 / int8: how much of the adapter is left
 
     @property
     def limits(self) -> dict[str, float]:

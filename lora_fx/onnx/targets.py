@@ -24,7 +24,9 @@ from ..capture.trace import capture
 from ..deploy_format import IDS_INPUT, write_ids
 from ..errors import LoraFxError, LoraFxWarning
 from ..fileio import check_writable_dir
+from ..graph.state import get_state
 from ..model.adapters import apply_adapter
+from ..model.merge import without_branches
 from ..ort.adapters import write_ort_adapter
 from .genai import write_genai_files
 from .kv_cache import KvModule, kv_decoder, name_io, trace_inputs
@@ -61,6 +63,13 @@ class Plain:
 
     def base_model(self) -> nn.Module:
         return self.module
+
+    def without_adapter(self, form: Form) -> Plain | None:
+        """This target over the base model (branches erased), for a merged export that has
+        an adapter; None otherwise."""
+        if form.name != "merged" or get_state(self.module) is None:
+            return None
+        return Plain(without_branches(self.module), self.args, self.dynamic_shapes, self.eager)
 
     def lowered(self, precision: str, args: tuple[Any, ...]) -> nn.Module:
         return lowered(self.module, self.module, False, precision, args, None,
@@ -168,6 +177,10 @@ class Decoder:
     def base_model(self) -> nn.Module:
         return self.kv.wrapper
 
+    def without_adapter(self, form: Form) -> Decoder | None:
+        """This decoder (exported with no adapter), for a merged export that has one."""
+        return self if form.name == "merged" and getattr(form, "adapter", None) else None
+
     def lowered(self, precision: str, args: tuple[Any, ...]) -> nn.Module:
         return cast_module(self.kv.wrapper, precision)
 
@@ -237,10 +250,11 @@ def _known(outputs: list[Any] | None) -> list[Any]:
 
 
 def check_kv_dtype(dtype: str) -> None:
-    """Refuse a KV-cache dtype other than fp32 and fp16, with why."""
-    if dtype not in ("fp32", "fp16"):
-        raise LoraFxError(f"--kv-cache exports fp32 or fp16, not --dtype {dtype}: ONNX Runtime "
-                          "has no bf16 kernels on the CPU to verify such a decoder; use fp16")
+    """Refuse a KV-cache dtype other than fp32, fp16, int4 and int8, with why."""
+    if dtype not in ("fp32", "fp16", "int4", "int8"):
+        raise LoraFxError(f"--kv-cache exports fp32, fp16, int4 or int8, not --dtype {dtype}: "
+                          "ONNX Runtime has no bf16 kernels on the CPU to verify such a decoder; "
+                          "use fp16")
 
 
 def flat_inputs(args: tuple[Any, ...]) -> list[Any]:
