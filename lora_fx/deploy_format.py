@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import LoraFxError
@@ -185,3 +186,24 @@ def read_genai_config(directory: str | Path) -> dict[str, Any]:
         raise LoraFxError(f"{path} is not a GenAI decoder config ({type(err).__name__}: {err}): "
                           "export the model again with --kv-cache") from err
     return config  # type: ignore[no-any-return]
+
+
+def as_torch(values: Sequence[Any]) -> list[torch.Tensor]:
+    return [torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values]
+
+
+def max_diff(got: Sequence[Any], want: Sequence[Any]) -> float:
+    """max |got − want| over all outputs in fp64 (numpy or torch); the output count and each
+    shape must agree."""
+    got, want = as_torch(got), as_torch(want)
+    if len(got) != len(want):
+        raise LoraFxError(f"ONNX Runtime returned {len(got)} outputs, PyTorch {len(want)}")
+    worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        if tuple(g.shape) != tuple(w.shape):
+            raise LoraFxError(f"output shape {tuple(g.shape)} from ONNX Runtime differs from "
+                              f"PyTorch's {tuple(w.shape)}")
+        if g.numel():
+            diff = g.detach().cpu().double() - w.detach().cpu().double()
+            worst = max(worst, float(diff.abs().max()))
+    return worst

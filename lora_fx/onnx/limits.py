@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..deploy_format import TF32_RTOL
+from ..deploy_format import TF32_RTOL, as_torch, max_diff
 from ..errors import LoraFxError
 
 
@@ -78,27 +77,6 @@ class Check:
     def blind(self) -> bool:
         """True when a file without its adapter would pass this case too."""
         return self.relative is None and self.effect is not None and self.effect <= self.limit
-
-
-def as_torch(values: Sequence[Any]) -> list[torch.Tensor]:
-    return [torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values]
-
-
-def max_diff(got: Sequence[Any], want: Sequence[Any]) -> float:
-    """max |got − want| over all outputs in fp64 (numpy or torch); the output count and each
-    shape must agree."""
-    got, want = as_torch(got), as_torch(want)
-    if len(got) != len(want):
-        raise LoraFxError(f"ONNX Runtime returned {len(got)} outputs, PyTorch {len(want)}")
-    worst = 0.0
-    for g, w in zip(got, want, strict=True):
-        if tuple(g.shape) != tuple(w.shape):
-            raise LoraFxError(f"output shape {tuple(g.shape)} from ONNX Runtime differs from "
-                              f"PyTorch's {tuple(w.shape)}")
-        if g.numel():
-            diff = g.detach().cpu().double() - w.detach().cpu().double()
-            worst = max(worst, float(diff.abs().max()))
-    return worst
 
 
 def magnitude(values: Sequence[Any]) -> float:

@@ -27,6 +27,7 @@ import torch
 
 # TF32_RTOL is the deploy format's; imported under its own name for verify's runtime.TF32_RTOL
 from ..deploy_format import TF32_RTOL as TF32_RTOL
+from ..deploy_format import max_diff
 from ..errors import LoraFxError, LoraFxWarning
 
 CUDA = "CUDAExecutionProvider"
@@ -194,20 +195,6 @@ def _from_dlpack(t: torch.Tensor) -> Any:
         return ort.OrtValue.from_dlpack(t.__dlpack__(), t.dtype == torch.bool)  # type: ignore
 
 
-def max_abs_diff_torch(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
-    """max |got − want| over all outputs in fp64 (shapes must agree)."""
-    if len(got) != len(want):
-        raise LoraFxError(f"ONNX Runtime returned {len(got)} outputs, PyTorch {len(want)}")
-    worst = 0.0
-    for g, w in zip(got, want, strict=True):
-        if tuple(g.shape) != tuple(w.shape):
-            raise LoraFxError(f"output shape {tuple(g.shape)} from ONNX Runtime differs from "
-                              f"PyTorch's {tuple(w.shape)}")
-        if g.numel():
-            worst = max(worst, float((g.double() - w.detach().cpu().double()).abs().max()))
-    return worst
-
-
 def session_options(threads: int | None = None, lean: bool = False
                     ) -> tuple[Any, list[str] | None]:
     """(SessionOptions, optimizers to disable) for :func:`open_session`."""
@@ -307,17 +294,7 @@ def run_feeds(sess: Any, named: dict[str, Any], run_options: Any = None,
         raise run_error(err, path) from err
 
 
-def max_abs_diff(ort_outputs: Sequence[np.ndarray], torch_outputs: Sequence[Any]) -> float:
-    """max |ORT − PyTorch| over all outputs (shapes must agree)."""
-    if len(ort_outputs) != len(torch_outputs):
-        raise LoraFxError(f"ONNX Runtime returned {len(ort_outputs)} outputs, PyTorch "
-                          f"{len(torch_outputs)}")
-    worst = 0.0
-    for got, want in zip(ort_outputs, torch_outputs, strict=True):
-        want_np = _numpy(want).astype(np.float64)
-        if got.shape != want_np.shape:
-            raise LoraFxError(f"output shape {got.shape} from ONNX Runtime differs from PyTorch's "
-                              f"{want_np.shape}")
-        if got.size:
-            worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want_np))))
-    return worst
+def max_abs_diff(ort_outputs: Sequence[Any], torch_outputs: Sequence[Any]) -> float:
+    """max |ORT − PyTorch| over all outputs (``deploy_format.max_diff``: count and shapes
+    must agree)."""
+    return max_diff(ort_outputs, torch_outputs)
