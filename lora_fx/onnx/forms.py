@@ -122,7 +122,7 @@ class Merged:
 
     def trace(self, built: Built, target: Target, opset: int | None, release: bool
               ) -> tuple[Any, dict[str, dict[str, int]]]:
-        return _trace(built, target, opset, release, unmerged=False)
+        return _trace(built, target, opset, release)
 
 
 @dataclass
@@ -150,16 +150,16 @@ class Unmerged:
 
     def trace(self, built: Built, target: Target, opset: int | None, release: bool
               ) -> tuple[Any, dict[str, dict[str, int]]]:
-        return _trace(built, target, opset, release, unmerged=True)
+        return _trace(built, target, opset, release)
 
 
-def _trace(built: Built, target: Target, opset: int | None, release: bool, unmerged: bool
+def _trace(built: Built, target: Target, opset: int | None, release: bool
            ) -> tuple[Any, dict[str, dict[str, int]]]:
     """The ONNXProgram of a merged or unmerged build: the capture's own program where the
     target allows it (no second trace), else traced with the target's dynamic shapes."""
     dtype = None if built.dtype == "fp32" else built.dtype
-    prep = Prepared(built.module, built.module, built.args, unmerged, dtype)
-    reuse = dtype is None and not unmerged and captured_program(built.module) is not None
+    prep = Prepared(built.module, built.module, built.args, built.unmerged, dtype)
+    reuse = dtype is None and not built.unmerged and captured_program(built.module) is not None
     program, extras = trace(prep, target.trace_shapes(reuse), opset, release)
     return program, extras.get("lora_inputs", {})
 
