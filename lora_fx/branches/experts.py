@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraFxError
+from ..grouped_mm import grouped_mm
 from .base import LoraBranch, copy_checked, weight_of
 from .linear import dropout_module, init_linear_factors
 
@@ -27,8 +28,10 @@ class LoraExperts(LoraBranch):
     selected experts only, never the [E, d1, d2] ΔW: for rows x [..., k],
     Δ = s · (x P1_e) P2_e with (P1_e, P2_e) = (A_eᵀ, B_eᵀ) where x contracts with the dim that A
     reads (``a_first``), else (B_e, A_e). Per-row ids gather P1[ids] [S, k, r] and
-    P2[ids] [S, r, m]. A weight on the left (``bmm(W[ids], x)``, x [S, k, n] as columns) is the
-    same on xᵀ, transposed back.
+    P2[ids] [S, r, m]; rows sorted into expert blocks (``grouped_mm``) multiply each block by its
+    expert's factors once (``lorafx::grouped_mm``, never a per-row copy of the factors). A
+    weight on the left (``bmm(W[ids], x)``, x [S, k, n] as columns) is the same on xᵀ,
+    transposed back.
     Merge: W' = W + s · einsum(B, A) per expert in fp32, cast once (``LoraBranch.fold``).
     """
 
@@ -62,16 +65,20 @@ class LoraExperts(LoraBranch):
         b3 = b.view(b.shape[0], self.rank, self.experts).permute(2, 0, 1)
         return a3, b3
 
-    def forward(self, x: torch.Tensor, index: Any, weight_left: bool = False) -> torch.Tensor:
-        """Δ for the op's output: rows ``x`` [..., k] (columns [S, k, n] if ``weight_left``),
-        ``index`` the expert id or the ids [S] of the rows."""
+    def forward(self, x: torch.Tensor, index: Any, how: str = "rows") -> torch.Tensor:
+        """Δ for the op's output. ``how``: "rows": x [..., k], ``index`` the expert id or the
+        ids [S] of the rows (x [S, n, k]); "columns": x [S, k, n] (``bmm(W[ids], x)``);
+        "offsets": x [S, k] sorted by expert, ``index`` the row blocks' ends (``grouped_mm``)."""
         h, out = self.compute_in(x)
-        h = h.transpose(-1, -2) if weight_left else h
+        h = self.lora_dropout(h.transpose(-1, -2) if how == "columns" else h)
         a3, b3 = self._stacks()
         a3, b3 = self.cast(a3, h.dtype), self.cast(b3, h.dtype)
         p1, p2 = (a3.transpose(1, 2), b3.transpose(1, 2)) if self.a_first else (b3, a3)
-        delta = (self.lora_dropout(h) @ p1[index]) @ p2[index] * self.scaling
-        return (delta.transpose(-1, -2) if weight_left else delta).to(out)
+        if how == "offsets":
+            delta = grouped_mm(grouped_mm(h, p1, index), p2, index) * self.scaling
+        else:
+            delta = (h @ p1[index]) @ p2[index] * self.scaling
+        return (delta.transpose(-1, -2) if how == "columns" else delta).to(out)
 
     def delta_weight(self, layout: str = "out_in") -> torch.Tensor:
         """ΔW [E, d1, d2] in fp32, in the parameter's own layout (``layout`` is the op's and

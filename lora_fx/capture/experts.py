@@ -6,16 +6,20 @@ transformers 5) keep each expert stack as one 3-D parameter (``gate_up_proj`` [E
 
 - ``"eager"`` loops over the experts that were hit (``nonzero``): data-dependent, torch.export
   stops on it;
-- ``"grouped_mm"`` (the default wherever it can dispatch, the CPU included) calls
-  ``torch._grouped_mm`` or transformers' custom op ``transformers.grouped_mm_fallback``, which
-  exports but has no ONNX translation ("Failed to convert the exported program");
-- ``"batched_mm"`` gathers ``W[expert_ids]`` per routed (token, expert) pair and calls ``bmm``:
-  no data-dependent step, plain ATen ops, and ONNX (Gather + MatMul).
+- ``"grouped_mm"`` (the default wherever it can dispatch, the CPU included) sorts the routed
+  (token, expert) rows by expert and multiplies each expert's rows by its weight once
+  (``torch._grouped_mm``, or transformers' custom op ``transformers::grouped_mm_fallback``
+  while traced): exportable, and the cheapest to train (each weight read once per step);
+  lorafx translates the op to ONNX (``onnx.experts``: without it, "Failed to convert the
+  exported program");
+- ``"batched_mm"`` gathers ``W[expert_ids]`` per routed row and calls ``bmm``: exportable, but
+  it materializes [rows, out, in] weights (fine for decoding, not for training).
 
-All three compute y = Σ_k g_k · expert_{e_k}(x) for the same routing, so capture runs with
-``"batched_mm"`` on every config an experts module reads, and gives each config its own value
-back afterwards (as ``capture.cache`` does with ``use_cache``). The captured graph then holds the
-expert sites ``bmm(W[ids], x)`` that the matcher finds (``match.experts``).
+All compute y = Σ_k g_k · expert_{e_k}(x) for the same routing, so capture keeps an exportable
+implementation the user chose and runs ``"grouped_mm"`` instead of any other, on every config
+an experts module reads, giving each config its own value back afterwards (as ``capture.cache``
+does with ``use_cache``). The captured graph holds the expert sites the matcher finds
+(``match.experts``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-EXPORTABLE = "batched_mm"
+EXPORTABLE = ("grouped_mm", "batched_mm")  # captured as they are; others run the first
 _INTERNAL = "_experts_implementation_internal"  # the field behind transformers' property
 
 
@@ -57,12 +61,13 @@ def _set(config: Any, value: Any) -> None:
 
 @contextlib.contextmanager
 def exportable_experts(model: nn.Module) -> Iterator[None]:
-    """``_experts_implementation = "batched_mm"`` on every experts config of ``model`` inside
-    the block, each config's own value restored after (also on error)."""
-    configs = experts_configs(model)
+    """``_experts_implementation = "grouped_mm"`` on every experts config of ``model`` whose
+    implementation torch.export cannot capture, inside the block; each config's own value
+    restored after (also on error)."""
+    configs = [c for c in experts_configs(model) if c._experts_implementation not in EXPORTABLE]
     before = [c._experts_implementation for c in configs]
     for c in configs:
-        _set(c, EXPORTABLE)
+        _set(c, EXPORTABLE[0])
     try:
         yield
     finally:

@@ -6,8 +6,9 @@ model's modules); when it cannot trace (data-dependent control flow: every Huggi
 ``.train()``/``.eval()`` work. Export bakes dropout in by mode; the fix-ups turn ``aten.dropout``
 back into ``nn.Dropout`` submodules (``capture.dropout``) and feed back the attention dropout
 that SDPA calls lost in eval mode (``capture.attention_dropout``). Mixture-of-experts blocks
-are captured with their exportable ``batched_mm`` implementation (``capture.experts``). The
-program is kept (``capture.program``) so that ONNX export need not trace again.
+are captured with an exportable implementation (``capture.experts``), their grouped matmuls as
+``lorafx::grouped_mm`` (``capture.grouped``). The program is kept (``capture.program``) so
+that ONNX export need not trace again.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .cache import no_cache
 from .dropout import dropout_pass
 from .dynamic import auto_dynamic, widened
 from .experts import exportable_experts
+from .grouped import grouped_pass
 from .program import PROGRAM_KEY
 from .recapture import remember
 
@@ -117,6 +119,7 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: A
     gm.meta[CAPTURE_KEY] = "export"
     gm.meta[PROGRAM_KEY] = ep  # ONNX export reuses it (capture.program)
     run_pass("dropout", dropout_pass, gm)
+    run_pass("grouped_mm", grouped_pass, gm)  # MoE experts: no weight gradient when frozen
     run_pass("attention_dropout", attention_dropout_pass, gm, model)
     remember(gm, model, example_inputs, dynamic_shapes, capture_export)
     gm.train(was_training)

@@ -9,6 +9,9 @@ Forms (``W_sel`` = W[e] for an int e, or W[ids] [S, d1, d2] for routed rows):
 - ``bmm(W[ids], x)`` (x [S, d2, n]):    y_s = W_{ids_s} x_s, the weight on the left ("out_in"),
   transformers' ``batched_mm`` experts (``_batched_linear``, not ``is_transposed``)
 
+- ``grouped_mm(x, W.mT, offs)`` (x [S, d2] sorted by expert; rows [offs[e-1], offs[e]) use
+  W[e]): transformers' ``grouped_mm`` experts ("out_in"; ``grouped_mm(x, W, offs)``: "in_out")
+
 and each with the selection transposed on its last two axes (the layout flips). The selection is
 ``aten.index.Tensor(W, [ids])``, ``aten.index_select(W, 0, ids)``, ``aten.select.int(W, 0, e)``
 or ``W[e]`` / ``W[ids]`` (``getitem`` under symbolic_trace). Since the op is linear in W_sel,
@@ -40,6 +43,7 @@ class ExpertUse:
     x_arg: int             # position of the activation in the op's args
     layout: Layout         # "out_in": x contracts with d2; "in_out": with d1
     weight_left: bool      # bmm(W_sel, x): y = W_sel x (columns), else rows y = x W_sel
+    grouped: bool = False  # grouped_mm(x, W, offs): ``index`` is the offsets of the row blocks
 
 
 def _swap_last(node: Any) -> Any | None:
@@ -110,6 +114,8 @@ def expert_weight(node: Any) -> tuple[fx.Node, Any, bool] | None:
 
 def expert_use(node: fx.Node, rule: Rule) -> ExpertUse | None:
     """How ``node`` (an op of ``rule``) reads an expert selection, or None."""
+    if rule.form == "grouped_mm":  # the whole stack (maybe transposed) and the offsets
+        return _grouped_use(node)
     if rule.form == "bmm":  # weight on either side: bmm(W_sel, x) or bmm(x, W_sel)
         for w_arg, x_arg, left in ((0, 1, True), (1, 0, False)):
             found = expert_weight(node.args[w_arg]) if len(node.args) > 1 else None
@@ -125,6 +131,17 @@ def expert_use(node: fx.Node, rule: Rule) -> ExpertUse | None:
         return None
     attr, index, flip = found
     return ExpertUse(attr, index, rule.x_arg, _flip(rule.layout) if flip else rule.layout, False)
+
+
+def _grouped_use(node: fx.Node) -> ExpertUse | None:
+    """grouped_mm(x, W, offs) or grouped_mm(x, W.transpose(-2, -1), offs)."""
+    w = node.args[1]
+    offs = node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
+    under = _swap_last(w)
+    attr = under if under is not None else w
+    if not (isinstance(attr, fx.Node) and attr.op == "get_attr" and isinstance(offs, fx.Node)):
+        return None
+    return ExpertUse(attr, offs, 0, "out_in" if under is not None else "in_out", False, True)
 
 
 def _flip(layout: Layout) -> Layout:

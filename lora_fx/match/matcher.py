@@ -43,6 +43,7 @@ class Site:
     experts: int = 0       # kind "experts": E of the weight [E, d1, d2] (0: not an expert site)
     expert_index: Any = None  # kind "experts": the expert id (int) or ids node (per row)
     weight_left: bool = False  # kind "experts": bmm(W_sel, x), y = W_sel x (columns)
+    grouped: bool = False  # kind "experts": grouped_mm(x, W, offs), expert_index the offsets
 
 
 @dataclass
@@ -249,7 +250,7 @@ class Matcher:
         out_f, in_f = (d1, d2) if use.layout == "out_in" else (d2, d1)
         return Site(name, path, node, use.x_arg, form, use.layout, in_f, out_f, "experts", {},
                     module, module_type, experts=experts, expert_index=use.index,
-                    weight_left=use.weight_left)
+                    weight_left=use.weight_left, grouped=use.grouped)
 
     def _mark_shared(self, sites: list[Site]) -> None:
         uses: dict[str, set[fx.Node]] = defaultdict(set)
@@ -266,8 +267,9 @@ def _disambiguate(sites: list[Site]) -> None:
     first: dict[str, Site] = {}
     for s in sites:
         seen = first.setdefault(s.name, s)
-        if seen is not s and (seen.weight, seen.kind, seen.layout, seen.form, seen.weight_left
-                              ) != (s.weight, s.kind, s.layout, s.form, s.weight_left):
+        if seen is not s and (seen.weight, seen.kind, seen.layout, seen.form, seen.weight_left,
+                              seen.grouped) != (s.weight, s.kind, s.layout, s.form,
+                                                s.weight_left, s.grouped):
             s.name = f"{s.name}@{s.node.name}"
 
 

@@ -20,7 +20,9 @@ the op's output:
 - experts (``F.linear`` / ``matmul`` / ``bmm`` whose weight is W[e] or W[ids] of a 3-D
   parameter W [E, d1, d2]): per expert as linear, y + s·x (U_e V_e) = x (W_e + s·U_e V_e) for
   the routed rows only (``match.experts``, ``branches.LoraExperts``). ``bmm`` of two
-  activations is not a site.
+  activations is not a site. ``grouped_mm(x, W, offs)`` (transformers' grouped experts:
+  ``aten._grouped_mm``, the custom op ``transformers::grouped_mm_fallback``, named by its
+  qualified name): rows of block e, [offs[e-1], offs[e]), times W[e].
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ RULES: tuple[Rule, ...] = (
     Rule("embedding", (F.embedding,), 0, 1, "in_out", "embedding"),
     Rule("embedding", (aten.embedding.default,), 1, 0, "in_out", "embedding"),
     Rule("bmm", (torch.bmm, aten.bmm.default, "bmm"), 0, 1, "in_out", "experts"),  # W either side
+    Rule("grouped_mm", (torch._grouped_mm, aten._grouped_mm.default,
+                        *([F.grouped_mm] if hasattr(F, "grouped_mm") else []),
+                        "transformers.grouped_mm_fallback",
+                        "transformers.grouped_mm_fallback.default", "lorafx.grouped_mm.default"),
+         0, 1, "in_out", "experts"),  # x [S, k] by row blocks of W [E, k, m] (offsets)
 )
 
 
@@ -79,7 +86,7 @@ MODULE_RULES: tuple[tuple[type[nn.Module], str, Layout, str], ...] = (
 
 
 FORMS = ("nn.Linear", "F.linear", "matmul", "addmm", "nn.Conv1d", "nn.Conv2d", "nn.Conv3d",
-         "conv1d", "conv2d", "conv3d", "nn.Embedding", "embedding", "bmm")
+         "conv1d", "conv2d", "conv3d", "nn.Embedding", "embedding", "bmm", "grouped_mm")
 
 
 def rule_for(node: fx.Node) -> Rule | None:
@@ -88,6 +95,8 @@ def rule_for(node: fx.Node) -> Rule | None:
     for rule in RULES:
         if node.target in rule.targets and (node.op == "call_function") != isinstance(
                 node.target, str):
+            return rule
+        if node.op == "call_function" and str(node.target) in rule.targets:  # a custom op
             return rule
     return None
 

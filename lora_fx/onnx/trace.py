@@ -14,10 +14,12 @@ from torch import nn
 
 from ..errors import LoraFxError
 from ..progress import stage
+from .experts import translation_table as expert_translations
 from .rules import op_type_first
 
 _NOISY = ("onnxscript.optimizer._constant_folding",  # "Evaluation failed": left to run time
-          "torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+          "torch.onnx._internal.exporter._registration",  # "torchvision is not installed"
+          "onnx_ir._convenience")  # index_put's empty-list attribute: "type is ambiguous"
 
 
 @contextmanager
@@ -45,13 +47,14 @@ def to_onnx(model: nn.Module | torch.export.ExportedProgram, example_inputs: tup
 
     ``model``: a module (exported in eval mode, its mode restored after) or an ExportedProgram
     (exported as it is; ``example_inputs`` then ``()``). ``translations``: the exporter's
-    ``custom_translation_table`` (op → onnxscript function).
+    ``custom_translation_table`` (op → onnxscript function), on top of the grouped expert
+    matmuls' (``onnx.experts``).
     """
     kwargs: dict[str, Any] = {"dynamo": True, "verbose": False, "optimize": True}
     if opset is not None:
         kwargs["opset_version"] = opset
-    if translations:
-        kwargs["custom_translation_table"] = translations
+    translations = {**expert_translations(), **(translations or {})}  # grouped MoE matmuls
+    kwargs["custom_translation_table"] = translations
     if dynamic_shapes is not None:
         kwargs["dynamic_shapes"] = dynamic_shapes
     try:

@@ -99,7 +99,8 @@ def _branch_args(site: Site, x: Any) -> tuple[Any, ...]:
     if site.kind == "embedding":
         return (x, site.node)
     if site.kind == "experts":
-        return (x, site.expert_index, site.weight_left)
+        how = "offsets" if site.grouped else "columns" if site.weight_left else "rows"
+        return (x, site.expert_index, how)
     return (x,)
 
 

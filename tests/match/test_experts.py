@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers.integrations.moe  # noqa: F401 - registers transformers::grouped_mm_fallback
 from torch import nn
 
 import lora_fx
@@ -17,6 +18,7 @@ from lora_fx.match.peft_reach import peft_reachable
 from tests.helpers import randomize_lora
 
 E = 3
+GROUPED = torch.ops.transformers.grouped_mm_fallback  # transformers' grouped experts op
 
 
 class Stack(nn.Module):
@@ -47,6 +49,11 @@ class Stack(nn.Module):
             return torch.bmm(x.unsqueeze(1), w_oi[ids].transpose(1, 2)).squeeze(1)
         if c == "bmm(x, W.mT[ids])":
             return torch.bmm(x.unsqueeze(1), w_oi.transpose(-1, -2)[ids]).squeeze(1)
+        if c.startswith("grouped_mm"):  # rows sorted by expert, blocks ending at offs
+            ids, order = ids.sort()
+            offs = torch.cumsum(torch.histc(ids.float(), bins=E, min=0, max=E - 1), 0).int()
+            w = w_oi.transpose(-2, -1) if c == "grouped_mm(x, W.mT, offs)" else w_io
+            return GROUPED(x[order], w, offs)[order.argsort()]
         q = x.view(-1, 2, 4)
         return torch.bmm(q, q.transpose(1, 2)).flatten(1)  # attention scores: no site
 
@@ -70,6 +77,8 @@ CASES = {
     "bmm(x, W[ids])": ("w_io", "in_out", False, 1),
     "bmm(x, W[ids].mT)": ("w_oi", "out_in", False, 1),
     "bmm(x, W.mT[ids])": ("w_oi", "out_in", False, 1),
+    "grouped_mm(x, W.mT, offs)": ("w_oi", "out_in", False, 1),
+    "grouped_mm(x, W, offs)": ("w_io", "in_out", False, 1),
 }
 
 
@@ -87,6 +96,7 @@ def test_expert_form_is_a_site_with_its_expert_axis(case: str, method: str) -> N
     assert [s.name for s in sites] == [f"experts.{param}"] * uses  # one name: one branch
     site = sites[0]
     assert (site.kind, site.layout, site.weight_left, site.experts) == ("experts", layout, left, E)
+    assert site.grouped == case.startswith("grouped_mm")
     assert (site.in_features, site.out_features) == (8, 6)
     if uses > 1:
         assert [s.expert_index for s in sites] == list(range(E))

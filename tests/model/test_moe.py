@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lora_fx
+from lora_fx.match.matcher import find_sites
 from tests.helpers import (
     ROOT,
     load_model_file,
@@ -30,8 +31,12 @@ def ids(seed: int = 0) -> torch.Tensor:
 
 # --- capture -------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", sorted(MOE.FAMILIES))
-@pytest.mark.parametrize("impl", ["default", "eager"])
-def test_capture_moe_gives_eager_logits_and_restores_config(family: str, impl: str) -> None:
+@pytest.mark.parametrize(("impl", "form"), [("default", "grouped_mm"), ("eager", "grouped_mm"),
+                                            ("batched_mm", "bmm")])
+def test_capture_moe_gives_eager_logits_and_restores_config(family: str, impl: str,
+                                                            form: str) -> None:
+    """The data-dependent eager loop is captured as grouped_mm; grouped_mm (transformers'
+    default) and batched_mm as they are; expert sites of that form either way."""
     model = MOE.FAMILIES[family]()
     if impl != "default":
         model.set_experts_implementation(impl)
@@ -39,13 +44,17 @@ def test_capture_moe_gives_eager_logits_and_restores_config(family: str, impl: s
     x = ids()
     gm = lora_fx.capture(model, (x,))
     assert model.config._experts_implementation == before  # the user's choice is given back
-    assert any("bmm" in str(n.target) for n in gm.graph.nodes)  # batched_mm was captured
+    assert {s.form for s in find_sites(gm)[0] if s.kind == "experts"} == {form}
     with torch.no_grad():
         torch.testing.assert_close(logits_of(gm(x)), model(x).logits, rtol=1e-5, atol=1e-6)
 
 
-def test_base_mixtral_exports_to_onnx_and_verifies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("impl", ["default", "batched_mm"])
+def test_base_mixtral_exports_to_onnx_and_verifies(impl: str, tmp_path: Path) -> None:
+    """grouped_mm through lorafx's translation (onnx.experts), batched_mm as torch's."""
     model = MOE.mixtral()
+    if impl != "default":
+        model.set_experts_implementation(impl)
     report = lora_fx.export_onnx(lora_fx.capture(model, (ids(),)), (ids(),),
                                  tmp_path / "base.onnx")
     assert report.max_abs_diff < 1e-5
@@ -60,7 +69,7 @@ def test_inspect_lists_expert_sites_with_their_expert_count() -> None:
                                for p in ("down_proj", "gate_up_proj")]
     gate_up = experts["model.layers.0.mlp.experts.gate_up_proj"]
     assert (gate_up["experts"], gate_up["form"], gate_up["in_features"],
-            gate_up["out_features"], gate_up["peft"]) == (4, "bmm", 32, 96, True)
+            gate_up["out_features"], gate_up["peft"]) == (4, "grouped_mm", 32, 96, True)
     table = run_cli("inspect", ROOT / "tests" / "models" / "tiny_moe.py").stdout
     assert "experts" in table.splitlines()[1]  # the header has an experts column
 
