@@ -13,8 +13,10 @@ variant (DoRA, ...) implements as a new class:
   the merge pass calls only this, so it never branches on the branch type.
 - ``peft_factors() -> (A, B)`` / ``load_factors(A, B, where)``: the tensors PEFT saves, and
   back (a fused branch writes its exactly equivalent plain LoRA).
-- ``kind``: "linear", "conv" or "embedding": the site kind it serves; ``adapters.KEYS`` maps
-  it to PEFT's key suffixes (``lora_A.weight``, or ``lora_embedding_A`` for embeddings).
+- ``kind``: "linear", "conv", "embedding" or "experts": the site kind it serves;
+  ``adapters.KEYS`` maps it to PEFT's key suffixes (``lora_A.weight``, or
+  ``lora_embedding_A`` for embeddings). ``peft_name``: the module path PEFT keys the factors
+  by, where it is not the site's name (an expert stack: ``mlp.experts[.base_layer]``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from __future__ import annotations
 from .base import Factor, LoraBranch, copy_checked, weight_of
 from .conv import LoraConv
 from .embedding import LoraEmbedding
+from .experts import LoraExperts
 from .linear import LoraFused, LoraLinear
 
-__all__ = ["Factor", "LoraBranch", "LoraConv", "LoraEmbedding", "LoraFused", "LoraLinear",
-           "copy_checked", "weight_of"]
+__all__ = ["Factor", "LoraBranch", "LoraConv", "LoraEmbedding", "LoraExperts", "LoraFused",
+           "LoraLinear", "copy_checked", "weight_of"]
