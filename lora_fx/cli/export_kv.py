@@ -47,7 +47,8 @@ def export_kv_command(model: str, adapter_dir: str | None, merge: bool, output: 
         "dtype": report.dtype, "tolerance": report.limits or None,
         "nodes": sum(report.op_histogram.values()), "bytes": os.path.getsize(report.path),
         "external_data": report.external_data, "checks": checks_json(report.checks),
-        "survival": survival_json(report.survival)}
+        "survival": survival_json(report.survival),
+        "fused": report.extras.get("fused", {})}  # fused op -> count (onnx.fuse)
     if as_json:
         echo_json(data)
         return

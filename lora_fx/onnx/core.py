@@ -52,6 +52,7 @@ class Job:
     release: bool = False                   # free the model's weights before verifying
     quant_block: int = 32                   # int4 / int8: rows per quantization block
     accuracy_level: int | None = None       # int4 / int8: MatMulNBits' accuracy_level
+    fuse: bool = True                       # fp32 KV decoders: ORT's fused ops (onnx.fuse)
 
 
 def export(job: Job) -> ExportReport:
@@ -77,6 +78,7 @@ def _export(job: Job, weights: str, quant: Quantization | None, base_path: Path 
     built = job.form.build(job.target, weights, job.verify, job.release)
     program, lora_inputs = job.form.trace(built, job.target, job.opset, job.release)
     job.target.name_io(program.model, built)
+    fused = job.target.fuse(program.model) if job.fuse and weights == "fp32" else {}
     if quant is not None:
         program.model = quantized(program.model, quant)
     memory.trim()  # what tracing and translating freed: not resident while saving
@@ -85,6 +87,7 @@ def _export(job: Job, weights: str, quant: Quantization | None, base_path: Path 
                           dict(op_histogram(program.model)), dtype=job.precision,
                           lora_inputs=lora_inputs)
     report.extras.update(job.target.notes(program.model, built))
+    report.extras.update({"fused": fused} if fused else {})
     if lora_inputs:
         report.extras["lora_inputs"] = lora_inputs
     axes = job.target.symbolic(program.model, built) if job.verify else None

@@ -38,7 +38,8 @@ def export(model: nn.Module, path: str | Path, *, target: Literal["plain", "kv"]
            source: str | Path | None = None, adapter_name: str = "adapter",
            opset: int | None = None, verify: bool = True, atol: float | None = None,
            providers: list[Any] | None = None, release: bool = False,
-           quant_block: int = 32, accuracy_level: int | None = None) -> ExportReport:
+           quant_block: int = 32, accuracy_level: int | None = None,
+           fuse: bool = True) -> ExportReport:
     """Export ``model`` to ``path`` as ``target`` ("plain": ``model`` on ``example_inputs``,
     an injected GraphModule for merged / unmerged; "kv": a Hugging Face decoder with its KV
     cache, ``adapter`` applied) in ``form`` ("mixed": the base ``model`` and ``adapters``),
@@ -47,13 +48,15 @@ def export(model: nn.Module, path: str | Path, *, target: Literal["plain", "kv"]
     free the model's weights before verifying (big models; the model cannot run after).
     ``precision`` "int4" / "int8": base MatMuls quantized in blocks of ``quant_block`` rows
     (``accuracy_level`` as ONNX Runtime's MatMulNBits names it); merged, the report's
-    ``survival`` says how much of the adapter the rounding left."""
+    ``survival`` says how much of the adapter the rounding left. ``fuse`` (target "kv"):
+    ONNX Runtime's fused ops where onnxscript's rules match (``onnx.fuse``; report extra
+    ``fused``)."""
     chosen: Target = Plain(model, example_inputs, dynamic_shapes, eager) if target == "plain" \
         else Decoder(model, source, adapter_name)
     shape: Form = Mixed(adapters) if form == "mixed" else \
         Merged(adapter) if form == "merged" else Unmerged(adapter)
     return run(Job(Path(path), chosen, shape, precision or "fp32", opset, verify, atol,
-                   providers, release, quant_block, accuracy_level))
+                   providers, release, quant_block, accuracy_level, fuse))
 
 
 def export_onnx(gm: nn.Module, example_inputs: tuple[Any, ...], path: str | Path,
@@ -88,16 +91,17 @@ def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter 
               atol: float | None = None, providers: list[Any] | None = None,
               source: str | Path | None = None, adapter_name: str = "adapter",
               dtype: str = "fp32", quant_block: int = 32,
-              accuracy_level: int | None = None) -> ExportReport:
+              accuracy_level: int | None = None, fuse: bool = True) -> ExportReport:
     """Export the Hugging Face decoder ``model`` (with ``adapter``: a directory or an
     ``Adapter``, merged or not) with its KV cache to ``path`` (DIR/model.onnx) and ORT GenAI's
     files beside it; unmerged, the adapter's ONNX Runtime file too (``adapter_name``), the
     model's own A', B' zero (the base model until an adapter is made active). ``dtype``:
-    "fp32" or "fp16" (the weights, the cache and the adapter file)."""
+    "fp32" or "fp16" (the weights, the cache and the adapter file). ``fuse``: ONNX Runtime's
+    fused ops where onnxscript's rules match (``onnx.fuse``)."""
     return export(model, path, target="kv", form="merged" if merge else "unmerged",
                   precision=dtype, adapter=adapter, source=source, adapter_name=adapter_name,
                   opset=opset, verify=verify, atol=atol, providers=providers,
-                  quant_block=quant_block, accuracy_level=accuracy_level)
+                  quant_block=quant_block, accuracy_level=accuracy_level, fuse=fuse)
 
 
 def export_mixed(model: nn.Module, example_inputs: tuple[Any, ...],
@@ -122,11 +126,12 @@ def export_kv_mixed(model: nn.Module, path: str | Path,
                     opset: int | None = None, verify: bool = True, atol: float | None = None,
                     providers: list[Any] | None = None,
                     source: str | Path | None = None, dtype: str = "fp32",
-                    quant_block: int = 32, accuracy_level: int | None = None) -> ExportReport:
+                    quant_block: int = 32, accuracy_level: int | None = None,
+                    fuse: bool = True) -> ExportReport:
     """Export the Hugging Face decoder ``model`` with its KV cache and ``adapters`` (id k =
     k-th; 0 = the base model) chosen per row by ``adapter_ids``, to ``path`` (DIR/model.onnx)
     with GenAI's config, the tokenizer files of ``source`` and ``model.adapter_ids.json``.
     ORT GenAI cannot feed ``adapter_ids``: ``lorafx generate`` decodes it with onnxruntime."""
     return export(model, path, target="kv", form="mixed", precision=dtype, adapters=adapters,
                   source=source, opset=opset, verify=verify, atol=atol, providers=providers,
-                  quant_block=quant_block, accuracy_level=accuracy_level)
+                  quant_block=quant_block, accuracy_level=accuracy_level, fuse=fuse)

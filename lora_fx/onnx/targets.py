@@ -28,6 +28,7 @@ from ..graph.state import get_state
 from ..model.adapters import apply_adapter
 from ..model.merge import without_branches
 from ..ort.adapters import write_ort_adapter
+from .fuse import fuse as fuse_decoder
 from .genai import write_genai_files
 from .kv_cache import KvModule, kv_decoder, name_io, trace_inputs
 from .mixed_program import name_ids, name_inputs
@@ -84,6 +85,10 @@ class Plain:
     def name_io(self, model: Any, built: Built) -> None:
         if built.ids is not None:
             name_inputs(model, self.module, len(self.args))
+
+    def fuse(self, model: Any) -> dict[str, int]:
+        """Nothing: only decoders are fused (``onnx.fuse``)."""
+        return {}
 
     def save(self, program: Any, path: Path) -> tuple[bool, Layout | None]:
         return save_program(program, path)
@@ -194,6 +199,10 @@ class Decoder:
         name_io(model, self.kv.layout)
         if built.ids is not None:
             name_ids(model, len(self.kv.layout.input_names()))
+
+    def fuse(self, model: Any) -> dict[str, int]:
+        """ONNX Runtime's fused ops where onnxscript's rules match (``onnx.fuse``), in place."""
+        return fuse_decoder(model)
 
     def save(self, program: Any, path: Path) -> tuple[bool, Layout | None]:
         path.parent.mkdir(exist_ok=True)  # the export is a folder
