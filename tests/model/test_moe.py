@@ -227,3 +227,24 @@ def test_dora_on_experts_is_refused_as_peft_does() -> None:
     with pytest.raises(lora_fx.LoraFxError, match="DoRA does not apply to expert parameters"):
         lora_fx.inject(MOE.mixtral(), (ids(),), lora_fx.LoraConfig(
             target_forms=["experts"], use_dora=True))
+
+
+def test_merged_expert_kv_export_decodes_peft_greedy_tokens(tmp_path: Path) -> None:
+    """export_kv with an expert adapter (merged): onnxruntime and ORT GenAI decode PEFT's
+    greedy tokens, which the adapter changes."""
+    model = MOE.mixtral()
+    gm = lora_fx.inject(model, (ids(),), lora_fx.LoraConfig(**CONFIG))
+    randomize_lora(gm, seed=1, scale=0.1)
+    lora_fx.save_adapter(gm, tmp_path / "adapter")
+    lora_fx.export_kv(model, tmp_path / "kv" / "model.onnx", adapter=tmp_path / "adapter",
+                      merge=True, fuse=False)
+    prompt = torch.tensor([[5, 9, 13, 2]])
+    with torch.no_grad():
+        want = peft_with(model, gm).generate(input_ids=prompt, max_new_tokens=8,
+                                             do_sample=False)[0, 4:].tolist()
+        base = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, 4:].tolist()
+    assert want != base
+    for engine in ("onnxruntime", "onnxruntime_genai"):
+        out = run_cli("generate", tmp_path / "kv", "--prompt-ids", "5,9,13,2",
+                      "--max-new-tokens", "8", "--engine", engine, "--json").stdout
+        assert json.loads(out)["tokens"] == [want], engine
