@@ -56,6 +56,7 @@ def check_finite(adapter: Adapter, site: str) -> tuple[torch.Tensor, torch.Tenso
 
 def factors(adapter: Adapter, site: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(s·B, A) of ``site`` as 2-D float64 matrices, so that ΔW = (s·B) @ A (conv flattened)."""
+    adapter.refuse_experts(site)
     a, b = check_finite(adapter, site)
     scale = adapter.config.scale_for(site)
     return scale * b.detach().double().flatten(1), a.detach().double().flatten(1)

@@ -48,8 +48,28 @@ class Adapter:
 
     def delta(self, site: str) -> torch.Tensor:
         """ΔW = s · B @ A in fp32, shaped like a [out, in] weight."""
+        self.refuse_experts(site)
         a, b = self.lora[site]
         return delta_from_factors(a, b, self.config.scale_for(site))
+
+    def refuse_experts(self, site: str) -> None:
+        """LoraFxError where ``site`` is an expert stack: it has no single [out, in] delta."""
+        experts = self.experts(site)
+        if experts > 1:
+            raise LoraFxError(f"site {site!r} holds a stack of {experts} experts "
+                              "(target_parameters), which has no single [out, in] delta: "
+                              "per-expert analysis is not supported yet; analyze an adapter "
+                              "without target_parameters")
+
+    def experts(self, site: str) -> int:
+        """E where ``site``'s factors stack E experts in PEFT's target_parameters layout
+        (A [r·E, in] in expert blocks, B [out, r·E] interleaved), else 1."""
+        if not self.config.target_parameters:
+            return 1
+        a, b = self.lora[site]
+        r = self.config.rank_for(site)
+        stacked = a.dim() == 2 and a.shape[0] % r == 0 and b.shape[-1] == a.shape[0]
+        return int(a.shape[0] // r) if stacked else 1
 
 
 def to_state(adapter: Adapter) -> dict[str, torch.Tensor]:

@@ -73,6 +73,11 @@ def _refuse_unsupported(adapter: Adapter, where: str) -> None:
     if adapter.saved:
         raise LoraFxError(f"{where} trains modules_to_save ({sorted(adapter.saved)[0]}), which an "
                           "ONNX Runtime adapter cannot swap: export the model merged")
+    stacks = [s for s in sorted(adapter.lora) if adapter.experts(s) > 1]
+    if stacks:
+        raise LoraFxError(f"{where}: site {stacks[0]!r} is a stack of "
+                          f"{adapter.experts(stacks[0])} experts (target_parameters), which ONNX "
+                          "Runtime adapters cannot carry yet: export the model merged")
 
 
 def model_slots(model_path: str | Path) -> dict[str, Slot]:

@@ -248,3 +248,21 @@ def test_merged_expert_kv_export_decodes_peft_greedy_tokens(tmp_path: Path) -> N
         out = run_cli("generate", tmp_path / "kv", "--prompt-ids", "5,9,13,2",
                       "--max-new-tokens", "8", "--engine", engine, "--json").stdout
         assert json.loads(out)["tokens"] == [want], engine
+
+
+def test_expert_adapters_are_refused_where_a_dense_delta_is_assumed(tmp_path: Path) -> None:
+    """ONNX Runtime adapter files and the rank analysis take [out, in] sites: an expert stack
+    is refused in one line, not written or analyzed as a meaningless matrix."""
+    from lora_fx.adapter.analysis import analyze
+    from lora_fx.adapter.peft import read_adapter
+    from lora_fx.ort.adapters import onnx_params
+
+    gm = lora_fx.inject(MOE.mixtral(), (ids(),), lora_fx.LoraConfig(**CONFIG))
+    lora_fx.save_adapter(gm, tmp_path)
+    adapter = read_adapter(tmp_path)
+    assert adapter.experts("model.layers.0.mlp.experts.base_layer") == 4
+    assert adapter.experts("model.layers.0.self_attn.q_proj") == 1
+    with pytest.raises(lora_fx.LoraFxError, match="stack of 4 experts .* export the model merged"):
+        onnx_params(adapter)
+    with pytest.raises(lora_fx.LoraFxError, match="stack of 4 experts .* no single"):
+        analyze(adapter)
