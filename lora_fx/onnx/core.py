@@ -52,7 +52,7 @@ class Job:
     release: bool = False                   # free the model's weights before verifying
     quant_block: int = 32                   # int4 / int8: rows per quantization block
     accuracy_level: int | None = None       # int4 / int8: MatMulNBits' accuracy_level
-    fuse: bool = True                       # fp32 KV decoders: ORT's fused ops (onnx.fuse)
+    fuse: bool = False                      # fp32 KV decoders: ORT's fused ops (onnx.fuse)
 
 
 def export(job: Job) -> ExportReport:

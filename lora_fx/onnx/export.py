@@ -39,7 +39,7 @@ def export(model: nn.Module, path: str | Path, *, target: Literal["plain", "kv"]
            opset: int | None = None, verify: bool = True, atol: float | None = None,
            providers: list[Any] | None = None, release: bool = False,
            quant_block: int = 32, accuracy_level: int | None = None,
-           fuse: bool = True) -> ExportReport:
+           fuse: bool = False) -> ExportReport:
     """Export ``model`` to ``path`` as ``target`` ("plain": ``model`` on ``example_inputs``,
     an injected GraphModule for merged / unmerged; "kv": a Hugging Face decoder with its KV
     cache, ``adapter`` applied) in ``form`` ("mixed": the base ``model`` and ``adapters``),
@@ -91,7 +91,7 @@ def export_kv(model: nn.Module, path: str | Path, adapter: str | Path | Adapter 
               atol: float | None = None, providers: list[Any] | None = None,
               source: str | Path | None = None, adapter_name: str = "adapter",
               dtype: str = "fp32", quant_block: int = 32,
-              accuracy_level: int | None = None, fuse: bool = True) -> ExportReport:
+              accuracy_level: int | None = None, fuse: bool = False) -> ExportReport:
     """Export the Hugging Face decoder ``model`` (with ``adapter``: a directory or an
     ``Adapter``, merged or not) with its KV cache to ``path`` (DIR/model.onnx) and ORT GenAI's
     files beside it; unmerged, the adapter's ONNX Runtime file too (``adapter_name``), the
@@ -127,7 +127,7 @@ def export_kv_mixed(model: nn.Module, path: str | Path,
                     providers: list[Any] | None = None,
                     source: str | Path | None = None, dtype: str = "fp32",
                     quant_block: int = 32, accuracy_level: int | None = None,
-                    fuse: bool = True) -> ExportReport:
+                    fuse: bool = False) -> ExportReport:
     """Export the Hugging Face decoder ``model`` with its KV cache and ``adapters`` (id k =
     k-th; 0 = the base model) chosen per row by ``adapter_ids``, to ``path`` (DIR/model.onnx)
     with GenAI's config, the tokenizer files of ``source`` and ``model.adapter_ids.json``.

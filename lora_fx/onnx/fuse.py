@@ -16,8 +16,9 @@ therefore stays false.
 
 The export core fuses fp32-built files only (fp32, and int4 / int8 before quantization): a
 fused fp16 GPT-2 file decoded other greedy tokens than PEFT's fp32 model in
-tests/onnx/test_kv_cache.py, the unfused one does not. ``export_kv(fuse=False)`` /
-``lorafx export --kv-cache --no-fuse`` keep the graph as traced.
+tests/onnx/test_kv_cache.py, the unfused one does not. Opt-in (``export_kv(fuse=True)`` /
+``lorafx export --kv-cache --fuse``): decode takes ~0.9x the time, but the rewrite adds minutes
+to a 30-layer export (benchmarks/README.md).
 """
 
 from __future__ import annotations

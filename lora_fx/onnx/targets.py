@@ -261,9 +261,9 @@ def _known(outputs: list[Any] | None) -> list[Any]:
 def check_kv_dtype(dtype: str) -> None:
     """Refuse a KV-cache dtype other than fp32, fp16, int4 and int8, with why."""
     if dtype not in ("fp32", "fp16", "int4", "int8"):
-        raise LoraFxError(f"--kv-cache exports fp32, fp16, int4 or int8, not --dtype {dtype}: "
-                          "ONNX Runtime has no bf16 kernels on the CPU to verify such a decoder; "
-                          "use fp16")
+        raise LoraFxError(f"--kv-cache exports fp32 or fp16, not --dtype {dtype} (int4 and "
+                          "int8 quantize an fp32 file): ONNX Runtime has no bf16 kernels on the "
+                          "CPU to verify such a decoder; use fp16")
 
 
 def flat_inputs(args: tuple[Any, ...]) -> list[Any]:

@@ -49,11 +49,12 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     peft_adapter(base, tmp / "a1", targets1, 4, seed=1)
     peft_adapter(base, tmp / "a2", targets2, 8, seed=2)
     reports = {
-        "merged": export_kv(base, tmp / "merged" / "model.onnx", adapter=tmp / "a1"),
+        "merged": export_kv(base, tmp / "merged" / "model.onnx", adapter=tmp / "a1",
+                            fuse=True),
         "unmerged": export_kv(base, tmp / "unmerged" / "model.onnx", adapter=tmp / "a1",
-                              merge=False, adapter_name="a1"),
+                              merge=False, adapter_name="a1", fuse=True),
         "plain": export_kv(base, tmp / "plain" / "model.onnx", adapter=tmp / "a1",
-                           merge=False, adapter_name="a1", fuse=False),
+                           merge=False, adapter_name="a1"),
     }
     convert_adapter(tmp / "a2", tmp / "unmerged" / "a2.onnx_adapter",
                     model=tmp / "unmerged" / "model.onnx")
@@ -132,13 +133,13 @@ def test_fused_files_decode_peft_tokens_in_onnxruntime_genai(llama: dict[str, An
         assert got.engine == "onnxruntime_genai"
 
 
-def test_cli_no_fuse_keeps_the_traced_graph(tmp_path: Path) -> None:
+def test_cli_fuse_is_opt_in(tmp_path: Path) -> None:
     from tests.helpers import run_cli
 
     hf = tmp_path / "hf"
     build("llama").save_pretrained(str(hf))
     runs = {}
-    for name, flags in (("fused", []), ("plain", ["--no-fuse"])):
+    for name, flags in (("fused", ["--fuse"]), ("plain", [])):
         out = tmp_path / name / "model.onnx"
         runs[name] = json.loads(run_cli("export", f"hf:{hf}", "--kv-cache", "-o", str(out),
                                         *flags, "--json").stdout)
