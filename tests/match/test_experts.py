@@ -130,3 +130,26 @@ def test_expert_branch_gives_peft_target_parameters_output(case: str) -> None:
         assert (want - model(x)).abs().max() > 0.1  # the adapter moves the output
         torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lora_fx.merge(gm)(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["x @ W[e]", "bmm(x, W[ids])", "grouped_mm(x, W, offs)"])
+def test_transposed_stack_is_oriented_as_peft(case: str) -> None:
+    """A module saying ``is_transposed`` (GPT-OSS: W [E, in, out]) gets PEFT's A [r·E, in],
+    B [out, r·E] and PEFT's output."""
+    import peft  # the reference implementation (tests only)
+
+    model, x = ExpertOp(case).eval(), rows()
+    model.experts.is_transposed = True
+    cfg = dict(r=2, lora_alpha=6, target_parameters=["experts.w_io"])
+    gm = lora_fx.inject(model, (x,), lora_fx.LoraConfig(**cfg))
+    randomize_lora(gm, seed=4, scale=0.5)
+    branch = lora_fx.branches(gm)["experts.w_io"]
+    assert tuple(branch.lora_A.weight.shape) == (2 * E, 8)
+    assert tuple(branch.lora_B.weight.shape) == (6, 2 * E)
+    ref = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg)).eval()
+    ref.load_state_dict({f"base_model.model.experts.lora_{ab}.default.weight":
+                         getattr(branch, f"lora_{ab}").weight.detach() for ab in "AB"},
+                        strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lora_fx.merge(gm)(x), ref(x), rtol=1e-5, atol=1e-5)
