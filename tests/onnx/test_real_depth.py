@@ -93,7 +93,7 @@ def test_kv_unmerged_passes_and_a_lost_or_doubled_adapter_fails(real: dict[str, 
         adapter = tmp / f"{label}.onnx_adapter"
         convert_adapter(scaled_adapter(tmp / "a1", tmp / label, factor), adapter,
                         model=tmp / "kv" / "model.onnx")
-        logits = dec.step(feeds, dec.load_adapter(adapter))[0]
+        logits = dec.step(feeds, dec.load_adapter(adapter))[0].numpy()
         verdicts[label] = judge(label, [logits], [real["want"]], base=[real["base_logits"]])
     assert verdicts["as trained"].ok, verdicts["as trained"]
     assert not verdicts["B zeroed"].ok and not verdicts["B doubled"].ok, verdicts
