@@ -205,8 +205,8 @@ def test_dtype_of_an_export_capture_needs_the_eager_model(gpt2: dict[str, Any],
     bare.meta.pop(SOURCE_KEY)
     with pytest.raises(LoraFxError, match="needs the eager model"):
         export_onnx(bare, (gpt2["x"],), tmp_path / "x.onnx", dtype="fp16")
-    with pytest.raises(LoraFxError, match="not supported"):
-        export_onnx(gpt2["gm"], (gpt2["x"],), tmp_path / "x.onnx", dtype="int8",
+    with pytest.raises(LoraFxError, match="not supported"):  # int4 / int8 are precisions now
+        export_onnx(gpt2["gm"], (gpt2["x"],), tmp_path / "x.onnx", dtype="int3",
                     model=gpt2["base"])
 
 
