@@ -32,7 +32,8 @@ PACKAGE = "lora_fx"
 # Function-level imports allowed, by imported module (a prefix: "matplotlib" allows
 # "matplotlib.figure"): heavy optional dependencies, deferred on purpose.
 OPTIONAL = ("transformers", "matplotlib", "onnxruntime.transformers", "onnxruntime_genai",
-            "onnxruntime.quantization")
+            "onnxruntime.quantization",
+            "onnxscript.rewriter.ort_fusions")  # private _core: onnx.fuse skips if it is gone
 # The facade's exports (export_onnx, export_kv, ...) import their lora_fx.onnx module on first
 # use, so that ``import lora_fx`` loads no onnx / onnxscript: (importer, imported package).
 FACADE = ("lora_fx.api", "lora_fx.onnx")
